@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.config import SamplerConfig
+from harness.models.base import DiffusionModel
+from harness.sampling import sample
+
+CALIB_SEED_OFFSET = 100_003
+
 
 @dataclass
 class CalibData:
@@ -76,3 +82,32 @@ class CalibData:
             num_train_timesteps=int(d["num_train_timesteps"][0]),
             labels=d["labels"].tolist(),
         )
+
+
+def capture_calibration(model: DiffusionModel, sampler: SamplerConfig, n_samples: int, batch_size: int,
+                        seed: int) -> CalibData:
+    """Run the FP sampler and keep every denoiser input (x_t, t, cond) of every step.
+
+    The seed is offset from the eval seeds so calibration never sees the evaluation noise.
+    """
+    xs: list[torch.Tensor] = []
+    ts: list[torch.Tensor] = []
+    cs: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> None:
+        xs.append(x.detach().float().cpu())
+        ts.append(t.detach().cpu())
+        if cond is not None:
+            cs.append(cond.detach().cpu())
+
+    out = sample(model, sampler, n_samples, batch_size, seed + CALIB_SEED_OFFSET, on_step=record,
+                 desc="calibration data")
+    labels = [] if model.num_classes is None else list(range(model.num_classes + 1))
+    return CalibData(
+        x=torch.cat(xs),
+        t=torch.cat(ts),
+        cond=torch.cat(cs) if cs else None,
+        schedule=out.timesteps,
+        num_train_timesteps=int(model.scheduler_config.get("num_train_timesteps", 1000)),
+        labels=labels,
+    )

@@ -6,4 +6,7 @@ To add a method: write methods/<name>.py with a `Method` subclass decorated with
 
 from methods.base import METHODS, Method, MethodReport, QuantResult
 
+# Importing a method module registers it.
+import methods.fp  # noqa: E402, F401  isort: skip
+
 __all__ = ["METHODS", "Method", "MethodReport", "QuantResult"]

@@ -1,0 +1,108 @@
+"""Content-addressed, atomic, checksummed cache of shared tensors (safetensors).
+
+Calibration trajectories, FP reference samples, FP temporal features and dataset reference
+statistics are computed once and reused by every run of a sweep and across sweeps. The key is a hash
+of everything the value depends on (spelled out in the sidecar JSON); the file is written to a temp
+name and renamed, so parallel runs never read half a file; its sha256 is checked on every load, and a
+truncated or corrupted file is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of canonical JSON (sorted keys): the same inputs give the same key on any machine."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hash of named tensors' bytes (e.g. a state_dict): identifies model weights."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class ArtifactCache:
+    """`get_or_build(kind, deps, build)` returns cached tensors or builds and stores them."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, deps: Mapping[str, Any]) -> Path:
+        return self.root / kind / f"{stable_hash({'kind': kind, **deps})}.safetensors"
+
+    def load(self, kind: str, deps: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The cached tensors, or None when missing or failing their checksum."""
+        path = self.path(kind, deps)
+        meta_path = path.with_suffix(".json")
+        if not path.exists() or not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("sha256") != _file_sha256(path):
+                log.warning("artifact %s fails its checksum (truncated or corrupted); rebuilding", path)
+                return None
+            return load_file(str(path))
+        except (OSError, ValueError, json.JSONDecodeError) as err:
+            log.warning("artifact %s unreadable (%s); rebuilding", path, err)
+            return None
+
+    def store(self, kind: str, deps: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
+        path = self.path(kind, deps)
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write_bytes(path, lambda tmp: save_file(flat, str(tmp)))
+        meta = {"kind": kind, "deps": deps, "sha256": _file_sha256(path), "keys": sorted(flat)}
+        _atomic_write_bytes(path.with_suffix(".json"),
+                            lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
+        return path
+
+    def get_or_build(self, kind: str, deps: Mapping[str, Any],
+                     build: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        cached = self.load(kind, deps)
+        if cached is not None:
+            log.info("artifact %s: cached (%s)", kind, self.path(kind, deps))
+            return cached
+        log.info("artifact %s: building", kind)
+        tensors = dict(build())
+        where = self.store(kind, deps, tensors)
+        log.info("artifact %s: stored at %s", kind, where)
+        return tensors

@@ -1,0 +1,119 @@
+"""One run, end to end. Read this first: it is the table of contents of the harness.
+
+model -> calibration data -> method quantizes -> backend prepares -> sample -> metrics -> record ->
+sinks. `run(cfg)` works with or without Hydra; a run that raises is recorded as failed and the
+sweep goes on; a finished run is skipped (resume) unless `force=true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import methods
+from harness.artifacts import ArtifactCache
+from harness.backends import BACKENDS
+from harness.config import RunConfig
+from harness.environment import collect_environment
+from harness.evaluate import evaluate, save_grid
+from harness.models.zoo import check_model_config, load_model
+from harness.references import References
+from harness.run_id import run_id
+from harness.sampling import sample
+from harness.store import ResultsStore, RunRecord
+from harness.tracking import make_sink
+from methods.engine.modules import QuantSpec
+
+log = logging.getLogger("harness")
+
+
+def identity_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The config that defines a run's identity: an FP run does not depend on `bits`."""
+    ident = dict(raw)
+    if raw["method"].get("name") == "fp":
+        ident["bits"] = {"weight_bits": 32, "act_bits": 32}
+    return ident
+
+
+def validate(cfg: DictConfig | Mapping) -> tuple[RunConfig, dict[str, Any]]:
+    """Parse and check every group before anything is loaded."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    rc = RunConfig.parse(raw)
+    check_model_config(rc.model)
+    methods.METHODS.get(str(rc.method.get("name")))
+    BACKENDS.get(str(rc.backend.get("name")))
+    return rc, raw
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
+    """Run one configuration (or resume it from the store) and return its record."""
+    rc, raw = validate(cfg)
+    rid = run_id(identity_config(raw))
+    store = ResultsStore(Path(rc.paths["store"]))
+    label = f"{rc.model['name']}/{rc.method['name']}/{rc.bits_tag}/{rc.backend['name']}"
+    if not rc.force and store.is_finished(rid):
+        log.info("%s: finished record %s in %s; skipping (force=true reruns)", label, rid, store.root)
+        return store.get(rid)
+    record = RunRecord(
+        run_id=rid, model=rc.model["name"], method=rc.method["name"], variant=rc.method.get("variant"),
+        bits=rc.bits_tag, backend=rc.backend["name"], sampler=rc.sampler.name, seed=rc.seed,
+        config=raw, environment=collect_environment(), status="running",
+    )
+    out_dir = Path(rc.paths["outputs"]) / rid
+    try:
+        execute(rc, record, out_dir)
+        record.status = "finished"
+    except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
+        log.exception("%s failed", label)
+        record.status, record.error, record.traceback = "failed", f"{type(err).__name__}: {err}", traceback.format_exc()
+    store.write(record)
+    sink = make_sink(rc.logger, group=group)
+    try:
+        sink.log_record(record)
+    finally:
+        sink.finish()
+    log.info("%s: %s -> record %s | grid %s | W&B %s", label, record.status, store.path(rid),
+             record.artifacts.get("grid", "-"), record.artifacts.get("wandb", getattr(sink, "location", "-")))
+    return record
+
+
+def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
+    """The pipeline of one run; fills `record` in place."""
+    torch.manual_seed(rc.seed)
+    device = resolve_device(rc.device)
+    log.info("Loading model <%s>", rc.model["name"])
+    model = load_model(rc.model)
+    model.net.to(device).eval()
+    refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
+    spec = None if rc.method["name"] == "fp" else QuantSpec(
+        rc.bits.weight_bits, None if rc.bits.act_bits == 32 else rc.bits.act_bits,
+        weight_init=rc.method.get("weight_init", "minmax"), act_init=rc.method.get("act_init", "minmax"))
+    log.info("Calibration data (shared artifact)")
+    calib = refs.calibration() if spec is not None else None
+    log.info("Quantizing with <%s> (%s, recipe=%s)", rc.method["name"], rc.bits_tag, rc.recipe)
+    method = methods.METHODS.get(rc.method["name"])(rc.method, rc.recipe)
+    result = method.quantize(model, calib, spec)
+    log.info("Preparing backend <%s>", rc.backend["name"])
+    backend = BACKENDS.get(rc.backend["name"])(rc.backend)
+    exe = backend.prepare(result.model, spec)
+    e = rc.eval
+    samples = sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed, n_trajectory=e.n_trajectory,
+                     desc=f"sampling {rc.method['name']} {rc.bits_tag}")
+    fp_samples = refs.fp_samples(samples if spec is None and rc.backend["name"] == "fake" else None)
+    log.info("Metrics")
+    record.metrics, record.curves = evaluate(rc, refs, exe, samples, fp_samples)
+    record.metrics["calib_seconds"] = result.report.calib_seconds
+    record.report = {**result.report.__dict__, "backend": backend.describe()}
+    record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))

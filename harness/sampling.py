@@ -1,0 +1,136 @@
+"""Seeded sampling with diffusers schedulers.
+
+The initial noise and labels depend only on (seed, sample index), so every method sees exactly the
+same noise and differences in the samples are the method's. Optionally records the trajectory of the
+first samples (for the per-step trajectory error) and hands every denoiser input to a callback
+(calibration capture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    SchedulerMixin,
+)
+from tqdm.auto import tqdm
+
+from harness.config import SamplerConfig
+from harness.models.base import DiffusionModel, denoise
+
+NOISE_CHUNK = 1000
+StepCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+
+
+def make_scheduler(model: DiffusionModel, cfg: SamplerConfig) -> SchedulerMixin:
+    """The diffusers scheduler for `cfg`, built from the model's training noise schedule."""
+    base = dict(model.scheduler_config)
+    base.pop("_class_name", None)
+    base.pop("_diffusers_version", None)
+    if cfg.name == "ddim":
+        sched = DDIMScheduler.from_config(base)
+    elif cfg.name == "ddpm":
+        sched = DDPMScheduler.from_config(base)
+    elif cfg.name == "dpm_solver":
+        sched = DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++")
+    elif cfg.name == "plms":
+        sched = PNDMScheduler.from_config(base, skip_prk_steps=True)
+    else:
+        raise ValueError(f"<sampler.name={cfg.name}> must be one of ddim, ddpm, dpm_solver, plms")
+    sched.set_timesteps(cfg.steps)
+    return sched
+
+
+def schedule_timesteps(model: DiffusionModel, cfg: SamplerConfig) -> list[int]:
+    """The timesteps the sampler visits, in order: TFMQ's finite set."""
+    return [int(t) for t in make_scheduler(model, cfg).timesteps]
+
+
+def initial_noise(model: DiffusionModel, seed: int, start: int, count: int) -> torch.Tensor:
+    """Noise for samples [start, start+count): a pure function of (seed, index)."""
+    out = []
+    first_chunk, last_chunk = start // NOISE_CHUNK, (start + count - 1) // NOISE_CHUNK
+    for chunk in range(first_chunk, last_chunk + 1):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+        noise = torch.randn((NOISE_CHUNK, *model.sample_shape), generator=g)
+        lo = max(start, chunk * NOISE_CHUNK) - chunk * NOISE_CHUNK
+        hi = min(start + count, (chunk + 1) * NOISE_CHUNK) - chunk * NOISE_CHUNK
+        out.append(noise[lo:hi])
+    return torch.cat(out)
+
+
+def eval_conditions(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
+    """Balanced class labels (index mod K); text models get seeded random embeddings."""
+    if model.num_classes is not None:
+        return torch.arange(n) % model.num_classes
+    if model.cond_shape is not None:
+        g = torch.Generator().manual_seed(seed + 7)
+        return torch.randn((n, *model.cond_shape), generator=g)
+    return None
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # (N, C, H, W) in [-1, 1], float32, CPU
+    conds: torch.Tensor | None
+    timesteps: list[int]
+    trajectory: torch.Tensor | None  # (steps, n_trajectory, C, H, W): x after each step
+
+
+def _guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                on_step: StepCallback | None) -> torch.Tensor:
+    use_cfg = model.is_conditional and cond is not None and model.guidance_scale != 1.0
+    if not use_cfg:
+        if on_step is not None:
+            on_step(x, t, cond)
+        return denoise(model, x, t, cond)
+    null = model.null_cond(x.shape[0], x.device)
+    x2, t2, c2 = torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null])
+    if on_step is not None:
+        on_step(x2, t2, c2)
+    eps_c, eps_u = denoise(model, x2, t2, c2).chunk(2)
+    return eps_u + model.guidance_scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: int, seed: int,
+           n_trajectory: int = 0, on_step: StepCallback | None = None, desc: str = "sampling") -> Samples:
+    """Generate `n` samples; the result does not depend on which method produced `model`."""
+    device = next(iter(model.net.parameters()), torch.empty(0)).device
+    conds_all = eval_conditions(model, n, seed)
+    images, traj_rows = [], []
+    timesteps: list[int] = []
+    steps = sampler.steps
+    bar = tqdm(total=-(-n // batch_size) * steps, desc=desc, unit="step", leave=False)
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        sched = make_scheduler(model, sampler)
+        timesteps = [int(t) for t in sched.timesteps]
+        x = initial_noise(model, seed, start, count).to(device) * sched.init_noise_sigma
+        cond = None if conds_all is None else conds_all[start : start + count].to(device)
+        gen = torch.Generator(device=device).manual_seed(seed * 7919 + start)
+        keep = max(0, min(count, n_trajectory - start))
+        batch_traj = []
+        for t in sched.timesteps:
+            tt = torch.full((count,), int(t), dtype=torch.long, device=device)
+            x_in = sched.scale_model_input(x, t)
+            eps = _guided_eps(model, x_in, tt, cond, on_step)
+            kwargs = {"generator": gen} if sampler.name in ("ddpm", "ddim") else {}
+            if sampler.name == "ddim":
+                kwargs["eta"] = sampler.eta
+            x = sched.step(eps, t, x, **kwargs).prev_sample
+            if keep:
+                batch_traj.append(x[:keep].float().cpu())
+            bar.update(1)
+        images.append(x.float().clamp(-1, 1).cpu())
+        if keep:
+            traj_rows.append(torch.stack(batch_traj))
+    bar.close()
+    trajectory = torch.cat(traj_rows, dim=1) if traj_rows else None
+    return Samples(torch.cat(images), conds_all, timesteps, trajectory)

@@ -1,0 +1,62 @@
+"""Config composition (Hydra) and validation at the typed boundary."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from harness.config import RunConfig
+from harness.runner import validate
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_composes_and_validates() -> None:
+    cfg = _compose()
+    rc, raw = validate(cfg)
+    assert rc.bits.tag == "w4a8" and rc.sampler.name == "ddim"
+    assert raw["method"]["name"] == "tfmq"
+
+
+@pytest.mark.parametrize("group", ["model", "method", "bits", "backend", "sampler", "eval", "logger"])
+def test_every_option_of_every_group_composes(group: str) -> None:
+    for path in sorted((Path(CONF) / group).glob("*.yaml")):
+        cfg = _compose(f"{group}={path.stem}")
+        RunConfig.parse(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_every_experiment_preset_composes() -> None:
+    for path in sorted((Path(CONF) / "experiment").glob("*.yaml")):
+        validate(_compose(f"+experiment={path.stem}"))
+
+
+def test_unknown_option_lists_valid_choices() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose("bits=w3a8")
+    assert "w4a8" in str(err.value.__cause__ or err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bits.weight_bits=3.5", "<bits.weight_bits=3.5> must be an integer in 2..8"),
+        ("bits.act_bits=12", "<bits.act_bits=12> must be an integer in 2..8, or 32"),
+        ("sampler.steps=0", "<sampler.steps=0> must be an integer in 1..1000"),
+        ("sampler.eta=2.0", "<sampler.eta=2.0> must be a number in [0.0, 1.0]"),
+        ("eval.n_samples=1", "<eval.n_samples=1> must be an integer >= 2"),
+        ("eval.extractor=clip", "<eval.extractor=clip> must be one of auto, lenet, inception"),
+        ("recipe=slow", "<recipe=slow> must be one of quick, paper"),
+        ("device=tpu", "<device=tpu> must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_wrong_values_fail_before_loading_with_the_key_named(override: str, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        validate(_compose(override))
+    assert message in str(err.value)
