@@ -1,10 +1,14 @@
 """Entry point: compose the config with Hydra and hand it to the harness.
 
-    python run.py                                   # one run (conf/config.yaml defaults)
-    python run.py -m method=tfmq,qdiff bits=w4a8,w8a8   # a sweep (Hydra multirun)
+    python run.py                                        # one run (conf/config.yaml defaults)
+    python run.py -m method=tfmq,qdiff bits=w4a8,w8a8    # a sweep (Hydra multirun)
 """
 
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.runner import run
@@ -12,7 +16,10 @@ from harness.runner import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    hc = HydraConfig.get()
+    # Runs of one sweep share a W&B group: the sweep's folder name.
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    run(cfg, group=group)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class EvalConfig:
     extractor: str
     reference: str
     inception_weights: str | None
+    inception_random: bool
     n_trajectory: int
     temporal: bool
     latency_batch_sizes: tuple[int, ...]
@@ -107,6 +108,7 @@ class EvalConfig:
             extractor=_choice(cfg, "eval", "extractor", EXTRACTORS),
             reference=_choice(cfg, "eval", "reference", REFERENCES),
             inception_weights=cfg.get("inception_weights"),
+            inception_random=bool(cfg.get("inception_random", False)),
             n_trajectory=min(_int(cfg, "eval", "n_trajectory", 0), n),
             temporal=bool(cfg.get("temporal", True)),
             latency_batch_sizes=tuple(sizes),

@@ -15,8 +15,14 @@ import torch
 from harness.artifacts import ArtifactCache, tensors_fingerprint
 from harness.calibration import CalibData, capture_calibration
 from harness.config import RunConfig
+from harness.datasets import load_mnist
+from harness.metrics.features import FeatureExtractor, images_to_features
+from harness.metrics.fidelity import features_to_reference
+from harness.metrics.temporal import capture_temporal_features
 from harness.models.base import DiffusionModel
 from harness.sampling import Samples, sample
+
+DATASETS = {"mnist": lambda: load_mnist()[0] * 2 - 1}
 
 
 class References:
@@ -57,3 +63,43 @@ class References:
 
         t = self.cache.get_or_build("fp_samples", deps, build)
         return Samples(t["images"], t.get("conds"), t["timesteps"].tolist(), t.get("trajectory"))
+
+    def reference_kind(self) -> str:
+        """Where quality metrics compare to: the dataset when the model has one, else FP samples."""
+        ref = self.rc.eval.reference
+        if ref == "auto":
+            ref = "dataset" if self.model.dataset in DATASETS else "fp"
+        if ref == "dataset" and self.model.dataset not in DATASETS:
+            raise ValueError(f"<eval.reference=dataset> but model {self.model.name} has dataset="
+                             f"{self.model.dataset!r}; datasets available offline: {sorted(DATASETS)}; use eval.reference=fp")
+        return ref
+
+    def reference_statistics(self, extractor: FeatureExtractor, fp_samples: Samples) -> dict[str, torch.Tensor]:
+        """Feature statistics of the reference set (cached per extractor)."""
+        kind = self.reference_kind()
+        if kind == "dataset":
+            deps = {"dataset": self.model.dataset, "extractor": extractor.describe()}
+            images = DATASETS[str(self.model.dataset)]
+        else:
+            deps = {**self.model_key, "sampler": self.sampler_key, "eval": self.eval_key,
+                    "extractor": extractor.describe()}
+            images = lambda: fp_samples.images  # noqa: E731
+
+        def build() -> dict[str, torch.Tensor]:
+            feats = images_to_features(extractor, images(), self.rc.eval.batch_size, desc=f"{kind} reference features")
+            return features_to_reference(feats)
+
+        return self.cache.get_or_build(f"reference_stats_{kind}", deps, build)
+
+    def temporal_conditions(self) -> torch.Tensor | None:
+        """Every label incl. the CFG null label for class-conditional models; the null condition otherwise."""
+        if self.model.num_classes is not None:
+            return torch.arange(self.model.num_classes + 1)
+        return None
+
+    def fp_temporal_features(self, timesteps: list[int]) -> dict[str, torch.Tensor]:
+        deps = {**self.model_key, "timesteps": list(timesteps)}
+        return self.cache.get_or_build(
+            "fp_temporal_features", deps,
+            lambda: capture_temporal_features(self.model, timesteps, self.temporal_conditions()),
+        )

@@ -35,9 +35,13 @@ log = logging.getLogger("harness")
 
 def identity_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The config that defines a run's identity: an FP run does not depend on `bits`."""
-    ident = dict(raw)
+    ident = {k: v for k, v in raw.items() if k != "fp_reference"}
     if raw["method"].get("name") == "fp":
         ident["bits"] = {"weight_bits": 32, "act_bits": 32}
+        ident["method"] = {"name": "fp"}
+        ident.pop("recipe", None)
+        ident.pop("calibration", None)
+        ident.pop("seed", None)
     return ident
 
 
@@ -86,7 +90,15 @@ def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
         sink.finish()
     log.info("%s: %s -> record %s | grid %s | W&B %s", label, record.status, store.path(rid),
              record.artifacts.get("grid", "-"), record.artifacts.get("wandb", getattr(sink, "location", "-")))
+    if raw.get("fp_reference", True) and not rc.is_fp:
+        run(fp_reference_config(raw), group=group)
     return record
+
+
+def fp_reference_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The FP run of the same model, sampler, eval and backend: the first row of every table.
+    Its samples are already in the artifact cache, so it costs only metrics and latency."""
+    return {**raw, "method": {"name": "fp", "keep_fp": []}, "force": False}
 
 
 def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:

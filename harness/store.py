@@ -73,6 +73,9 @@ class RunRecord:
             raise ValueError(f"<kind={self.kind!r}> is not a record kind; accepted: {', '.join(KINDS)}")
         if self.status not in STATUSES:
             raise ValueError(f"<status={self.status!r}> is not a run status; accepted: {', '.join(STATUSES)}")
+        for name in ("metrics", "curves", "report", "config", "environment", "artifacts"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"<{name}> must be a dict, got {type(getattr(self, name)).__name__}")
         clash = sorted(set(self.metrics) & _FIELD_NAMES)
         if clash:
             raise ValueError(f"metric keys {clash} collide with record fields (both become table columns)")
@@ -132,7 +135,7 @@ class ResultsStore:
         """Write atomically: unique temp file in the same folder, fsync, then os.replace."""
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(record.run_id)
-        text = json.dumps(record.to_dict(), indent=1, sort_keys=False)
+        text = json.dumps(record.to_dict(), indent=1)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{record.run_id}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -159,7 +162,7 @@ class ResultsStore:
         try:
             return RunRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as err:
-            warnings.warn(f"skipping unreadable run record {path}: {err}", stacklevel=3)
+            warnings.warn(f"skipping unreadable run record {path}: {err}", stacklevel=2)
             return None
 
 

@@ -51,7 +51,15 @@ def _interleave(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
         else:
             keys.append((pos, -1, False))
     order = sorted(range(len(units)), key=lambda i: keys[i])
-    return [units[i] for i in order]
+    return _mid_before_up([units[i] for i in order])
+
+
+def _mid_before_up(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """diffusers UNets register up_blocks before mid_block but run the mid block first."""
+    mid = [u for u in units if u[0].startswith("mid_block.")]
+    rest = [u for u in units if not u[0].startswith("mid_block.")]
+    at = next((i for i, (n, _) in enumerate(rest) if n.startswith("up_blocks.")), len(rest))
+    return rest[:at] + mid + rest[at:]
 
 
 def find_blocks(net: nn.Module, order_by: Callable[[], object] | None = None) -> list[tuple[str, nn.Module]]:
@@ -60,7 +68,7 @@ def find_blocks(net: nn.Module, order_by: Callable[[], object] | None = None) ->
     Outermost diffusers blocks of `BLOCK_TYPES`, plus QuantLayers outside any block. Units without a
     QuantLayer (e.g. a pooling downsampler, or a block kept entirely in FP) are left out: there is
     nothing to reconstruct. The static order is registration order with resnets and attentions of a
-    UNet block interleaved; `order_by`, a callable that runs one forward pass of `net`, replaces it
+    UNet block interleaved and the mid block before the up blocks; `order_by`, a callable that runs one forward pass of `net`, replaces it
     by the observed order of first calls (units never called go last).
     """
     units: list[tuple[str, nn.Module]] = []

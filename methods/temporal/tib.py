@@ -19,6 +19,7 @@ selection cheap: their inputs are just every (timestep, label) pair of the sampl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -215,17 +216,16 @@ def label_axis(tib: TIB, labels: list[int]) -> list[int | None]:
     return list(labels)
 
 
-def feature_grid(net: nn.Module, tib: TIB, schedule: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
-    """Temporal features over every sampler timestep x every label: {name: (n_t, n_labels, D)}.
+def iter_schedule(net: nn.Module, tib: TIB, schedule: list[int], labels: list[int]
+                  ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(timestep, {name: (n_labels, D)}) for every sampler timestep, every label in one batch.
 
-    One timestep per call, because per-timestep (FSC) quantizers take one timestep per batch.
+    One timestep per call because per-timestep (FSC) quantizers take one timestep per batch; one
+    timestep at a time because the full grid of a many-class model does not fit in memory.
     """
     axis = label_axis(tib, labels)
     device = next(net.parameters()).device
     lab = None if axis == [None] else torch.tensor(axis, device=device)
-    rows: dict[str, list[torch.Tensor]] = {}
     for ts in schedule:
         t = torch.full((len(axis),), int(ts), dtype=torch.long, device=device)
-        for name, f in temporal_features(net, tib, t, lab).items():
-            rows.setdefault(name, []).append(f)
-    return {name: torch.stack(v) for name, v in rows.items()}
+        yield int(ts), temporal_features(net, tib, t, lab)

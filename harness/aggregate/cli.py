@@ -1,0 +1,88 @@
+"""`python -m harness.aggregate`: the results store -> paper-style tables and the TFE plot.
+
+Tables are rebuilt from the store alone (never from W&B), so they can be regenerated any time,
+e.g. after a sweep (`aggregate()` is what a Hydra `on_multirun_end` callback would call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.aggregate.frame import filter_frame, records_frame
+from harness.aggregate.plots import plot_temporal_error
+from harness.aggregate.render import RENDERERS
+from harness.aggregate.table import LAYOUTS, make_table
+from harness.store import ResultsStore
+
+FORMATS = ("latex", "md", "csv")
+PLOT_FILE = "temporal_feature_error.png"
+
+
+def _csv_list(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics: Sequence[str] = (),
+              kinds: Sequence[str] = tuple(LAYOUTS), model: Sequence[str] = (), bits: Sequence[str] = (),
+              method: Sequence[str] = ()) -> list[Path]:
+    """Write <out>/<kind>.<ext> for every kind with records, and the TFE plot; returns the paths."""
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
+    records = ResultsStore(store).records()
+    frame = filter_frame(records_frame(records), model=model, bits=bits, method=method)
+    written: list[Path] = []
+    for kind in kinds:
+        table = make_table(frame, kind, metrics)
+        if not table.rows:
+            continue
+        for fmt in formats:
+            render, ext = RENDERERS[fmt]
+            path = out / f"{kind}.{ext}"
+            out.mkdir(parents=True, exist_ok=True)
+            path.write_text(render(table), encoding="utf-8")
+            written.append(path)
+    if "quality" in kinds:
+        kept = set(frame["run_id"])
+        plot = plot_temporal_error([r for r in records if r.run_id in kept], out / PLOT_FILE)
+        written += [plot] if plot else []
+    return written
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.aggregate", description=__doc__.splitlines()[0])
+    p.add_argument("--store", type=Path, default=Path("results/store"), help="results store folder")
+    p.add_argument("--out", type=Path, default=Path("results/tables"), help="where tables are written")
+    p.add_argument("--format", default="all", help="latex | md | csv | all, or a comma list")
+    p.add_argument("--metrics", help="comma list of metric keys, e.g. fid,sfid,is (default: per kind)")
+    p.add_argument("--kind", help=f"comma list of {', '.join(LAYOUTS)} (default: every kind with records)")
+    p.add_argument("--model", help="comma list of models to keep")
+    p.add_argument("--bits", help="comma list of bit-widths to keep (FP rows are always kept)")
+    p.add_argument("--method", help="comma list of methods to keep")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    formats = list(FORMATS) if args.format == "all" else _csv_list(args.format)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            written = aggregate(args.store, args.out, formats, _csv_list(args.metrics),
+                                _csv_list(args.kind) or list(LAYOUTS), _csv_list(args.model),
+                                _csv_list(args.bits), _csv_list(args.method))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    if not written:
+        print(f"no finished records in {args.store} match the filters; nothing written", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0

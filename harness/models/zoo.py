@@ -1,0 +1,267 @@
+"""The model zoo: turn a resolved `model` config group (conf/model/<name>.yaml) into a DiffusionModel.
+
+Where the weights come from, first match wins:
+1. `model.path`: a local diffusers folder (flat `config.json` + weights, or a pipeline folder with
+   `unet/` or `transformer/` and `scheduler/`). Overrides everything else.
+2. `model.weights`: a folder shipped inside the package (harness/models/weights/<weights>).
+3. `model.hub_id`: a Hugging Face hub id (needs network or a filled hub cache).
+`model.init: random` instead builds the net from `model.arch` with `model.seed` (tests, CPU
+benchmarks of real architectures without their checkpoints).
+
+The scheduler config is the one stored with the weights when there is one, else `model.scheduler`;
+`DiffusionModel.extra["scheduler_source"]` records which, so a record never hides the choice.
+`MODELS` maps each family to its diffusers class; adding a family = one `MODELS.register` line here
+plus its branch in harness/models/base.py:denoise.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers.models.modeling_utils import ModelMixin
+
+from harness.models.base import DiffusionModel
+from harness.registry import Registry
+
+MODELS: Registry[type[ModelMixin]] = Registry("model family")
+MODELS.register("unet")(UNet2DModel)
+MODELS.register("unet_text")(UNet2DConditionModel)
+MODELS.register("dit")(DiTTransformer2DModel)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUILTIN_WEIGHTS = ("ddpm_mnist", "ddpm_mnist_cond")
+DATASETS = ("mnist",)
+INITS = ("pretrained", "random")
+# Sub-folder of a diffusers pipeline folder that holds the denoiser, per family.
+PIPELINE_SUBFOLDER = {"unet": "unet", "unet_text": "unet", "dit": "transformer"}
+KEYS = ("name", "family", "sample_shape", "num_classes", "cond_shape", "guidance_scale", "dataset",
+        "init", "path", "weights", "hub_id", "subfolder", "local_files_only", "arch", "seed", "scheduler")
+HOW_TO_PROVIDE = ("provide the weights as a local diffusers folder: model.path=/path/to/folder "
+                  "(or run with network access to the Hugging Face hub)")
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers (or any mapping/sequence) -> plain dicts and lists, checked and fed to diffusers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, str):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _fail(key: str, value: Any, accepted: str) -> None:
+    raise ValueError(f"<model.{key}={value!r}> is invalid; accepted: {accepted}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_keys(cfg: Mapping) -> None:
+    for key in cfg:
+        if key not in KEYS:
+            close = difflib.get_close_matches(str(key), KEYS, n=1)
+            hint = f" Did you mean model.{close[0]}?" if close else ""
+            raise ValueError(f"model.{key} is not a model config key; accepted: {', '.join(KEYS)}.{hint}")
+    for key in ("name", "family", "sample_shape"):
+        if cfg.get(key) is None:
+            raise ValueError(f"model.{key} is required (every conf/model/*.yaml sets it)")
+
+
+def _check_shapes(cfg: Mapping) -> None:
+    shape = cfg["sample_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_is_int(s) and s > 0 for s in shape)):
+        _fail("sample_shape", shape, "three positive integers [channels, height, width]")
+    k = cfg.get("num_classes")
+    if k is not None and not (_is_int(k) and k > 0):
+        _fail("num_classes", k, "a positive integer (the null label is num_classes) or null")
+    cond = cfg.get("cond_shape")
+    if cond is not None and not (isinstance(cond, (list, tuple)) and cond and all(_is_int(s) and s > 0 for s in cond)):
+        _fail("cond_shape", cond, "a list of positive integers, e.g. [77, 768], or null")
+    family = cfg["family"]
+    if family == "unet_text" and (cond is None or k is not None):
+        _fail("cond_shape", cond, "a shape (with num_classes null) for family unet_text")
+    if family == "dit" and k is None:
+        _fail("num_classes", k, "a positive integer for family dit (DiT is class-conditional)")
+    if family in ("unet", "dit") and cond is not None:
+        _fail("cond_shape", cond, f"null for family {family} (it takes labels, not embeddings)")
+    g = cfg.get("guidance_scale", 1.0)
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0:
+        _fail("guidance_scale", g, "a number >= 0 (1.0 = no classifier-free guidance)")
+    if k is None and cond is None and g != 1.0:
+        _fail("guidance_scale", g, "1.0 for an unconditional model")
+
+
+def _check_arch(cfg: Mapping, cls: type[ModelMixin]) -> None:
+    arch = cfg.get("arch")
+    if arch is None:
+        return
+    if not isinstance(arch, Mapping):
+        _fail("arch", arch, f"a mapping of {cls.__name__} constructor arguments")
+    params = inspect.signature(cls.__init__).parameters
+    for key in arch:
+        if key not in params:
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ValueError(f"model.arch.{key} is not a {cls.__name__} argument.{hint}")
+    c, h, _ = cfg["sample_shape"]
+    if arch.get("in_channels", params["in_channels"].default) != c:
+        _fail("arch", dict(arch), f"in_channels equal to model.sample_shape[0]={c}")
+    if "sample_size" in arch and arch["sample_size"] != h:
+        _fail("arch", dict(arch), f"sample_size equal to model.sample_shape[1]={h}")
+
+
+def _check_source(cfg: Mapping) -> None:
+    init = cfg.get("init", "pretrained")
+    if init not in INITS:
+        _fail("init", init, " or ".join(INITS))
+    for key in ("path", "hub_id", "subfolder"):
+        if cfg.get(key) is not None and not (isinstance(cfg[key], str) and cfg[key]):
+            _fail(key, cfg[key], "a non-empty string or null")
+    weights = cfg.get("weights")
+    if weights is not None and weights not in BUILTIN_WEIGHTS:
+        _fail("weights", weights, f"one of {', '.join(BUILTIN_WEIGHTS)} (the shipped folders) or null")
+    if init == "random":
+        if cfg.get("path") is not None:
+            _fail("init", init, "pretrained when model.path is set (a folder's weights are never re-initialised)")
+        if not cfg.get("arch"):
+            _fail("arch", cfg.get("arch"), "an architecture mapping when model.init=random")
+        if not isinstance(cfg.get("scheduler"), Mapping):
+            _fail("scheduler", cfg.get("scheduler"), "a scheduler config mapping when model.init=random")
+        if not _is_int(cfg.get("seed", 0)):
+            _fail("seed", cfg.get("seed"), "an integer")
+    elif not any(cfg.get(k) for k in ("path", "weights", "hub_id")):
+        raise ValueError("model.init=pretrained needs a weight source: model.path (local diffusers folder), "
+                         "model.weights (shipped folder) or model.hub_id; or set model.init=random")
+    sched = cfg.get("scheduler")
+    if sched is not None and not isinstance(sched, Mapping):
+        _fail("scheduler", sched, "a DDPMScheduler/DDIMScheduler config mapping, or null (use the weights' one)")
+    if not isinstance(cfg.get("local_files_only", False), bool):
+        _fail("local_files_only", cfg.get("local_files_only"), "true or false")
+
+
+def check_model_config(cfg: Mapping) -> None:
+    """Validate a resolved `model` config group without loading anything; ValueError names the key."""
+    cfg = _plain(cfg)
+    _check_keys(cfg)
+    family = cfg["family"]
+    if family not in MODELS:
+        _fail("family", family, ", ".join(MODELS.names()))
+    if not isinstance(cfg["name"], str) or not cfg["name"]:
+        _fail("name", cfg["name"], "a non-empty string")
+    _check_shapes(cfg)
+    ds = cfg.get("dataset")
+    if ds is not None and ds not in DATASETS:
+        _fail("dataset", ds, f"{', '.join(DATASETS)} or null")
+    _check_source(cfg)
+    _check_arch(cfg, MODELS.get(family))
+
+
+
+
+def _random_net(cfg: Mapping, cls: type[ModelMixin]) -> ModelMixin:
+    # fork_rng: building a model must not shift the caller's global random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.get("seed", 0))
+        return cls(**cfg["arch"])
+
+
+def _local_layout(root: Path, family: str, subfolder: str | None) -> tuple[Path, Path | None]:
+    """(folder of the denoiser's config.json, scheduler_config.json or None) of a local folder."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"model.path={str(root)!r} does not exist or is not a folder; expected a local diffusers folder "
+            f"(config.json + diffusion_pytorch_model.safetensors, or a pipeline folder with "
+            f"{PIPELINE_SUBFOLDER[family]}/ and scheduler/)")
+    sub = subfolder or PIPELINE_SUBFOLDER[family]
+    net_dir = root / sub if (root / sub / "config.json").is_file() else root
+    if not (net_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {root} nor in {root / sub}; {HOW_TO_PROVIDE}")
+    for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
+        if cand.is_file():
+            return net_dir, cand
+    return net_dir, None
+
+
+def _from_folder(root: Path, cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
+    net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
+    declared = json.loads((net_dir / "config.json").read_text()).get("_class_name")
+    if declared not in (None, cls.__name__):
+        raise ValueError(f"{net_dir / 'config.json'} holds a {declared}, but model.family={cfg['family']} "
+                         f"expects a {cls.__name__}; fix model.family or model.path")
+    net = cls.from_pretrained(net_dir)
+    sched = json.loads(sched_file.read_text()) if sched_file else None
+    return net, sched, str(sched_file) if sched_file else ""
+
+
+def _from_hub(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
+    hub_id, sub, local_only = cfg["hub_id"], cfg.get("subfolder"), cfg.get("local_files_only", False)
+    try:
+        net = cls.from_pretrained(hub_id, subfolder=sub, local_files_only=local_only)
+    except OSError as err:
+        where = "the local Hugging Face hub cache" + ("" if local_only else " and huggingface.co")
+        raise OSError(f"could not load model.hub_id={hub_id!r} (subfolder={sub!r}): looked in {where} and "
+                      f"found no weights ({err}). No model.path was set and no shipped folder matches; "
+                      f"{HOW_TO_PROVIDE}") from err
+    for sched_sub in ("scheduler", None):
+        try:
+            sched = DDPMScheduler.load_config(hub_id, subfolder=sched_sub, local_files_only=local_only)
+            return net, dict(sched), f"hub:{hub_id}/{sched_sub or ''}"
+        except OSError:
+            continue
+    return net, None, ""
+
+
+def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str, str]:
+    """(net, scheduler config stored with the weights or None, where that came from, source label)."""
+    if cfg.get("init", "pretrained") == "random":
+        return _random_net(cfg, cls), None, "", f"random(seed={cfg.get('seed', 0)})"
+    if cfg.get("path"):
+        root = Path(cfg["path"]).expanduser()
+        return *_from_folder(root, cfg, cls), f"path:{root}"
+    if cfg.get("weights"):
+        root = WEIGHTS_DIR / cfg["weights"]
+        if not root.is_dir():
+            raise FileNotFoundError(f"the shipped weights folder {root} is missing (model.weights="
+                                    f"{cfg['weights']!r}); train it with `python -m harness.models.train "
+                                    f"--name {cfg['weights']}` or {HOW_TO_PROVIDE}")
+        return *_from_folder(root, cfg, cls), "built-in"
+    return *_from_hub(cfg, cls), f"hub:{cfg['hub_id']}"
+
+
+def _check_loaded(net: ModelMixin, cfg: Mapping, source: str) -> None:
+    """A folder may hold a different model than the yaml describes: fail before sampling garbage."""
+    c, h, _ = cfg["sample_shape"]
+    in_ch, size = net.config.get("in_channels"), net.config.get("sample_size")
+    if in_ch != c or (size is not None and size != h):
+        raise ValueError(f"the net from {source} takes {in_ch} channels at size {size}, but "
+                         f"model.sample_shape={list(cfg['sample_shape'])}; fix model.sample_shape")
+
+
+def load_model(cfg: Mapping) -> DiffusionModel:
+    """Build the DiffusionModel a resolved `model` config group describes (see the module docstring)."""
+    cfg = _plain(cfg)
+    check_model_config(cfg)
+    cls = MODELS.get(cfg["family"])
+    net, sched, sched_where, source = _load_net(cfg, cls)
+    _check_loaded(net, cfg, source)
+    if sched is None:
+        if cfg.get("scheduler") is None:
+            raise ValueError(f"the weights from {source} carry no scheduler config and model.scheduler is "
+                             "null; set model.scheduler to a DDPMScheduler config mapping")
+        sched, sched_where = dict(cfg["scheduler"]), "model.scheduler"
+    net.eval()
+    return DiffusionModel(
+        name=cfg["name"], family=cfg["family"], net=net, scheduler_config=sched,
+        sample_shape=tuple(cfg["sample_shape"]), num_classes=cfg.get("num_classes"),
+        cond_shape=tuple(cfg["cond_shape"]) if cfg.get("cond_shape") is not None else None,
+        guidance_scale=float(cfg.get("guidance_scale", 1.0)), dataset=cfg.get("dataset"), source=source,
+        extra={"scheduler_source": sched_where, "params": sum(p.numel() for p in net.parameters())},
+    )

@@ -1,0 +1,65 @@
+"""PTQ4DM (Shang et al., CVPR 2023): normally distributed time-step calibration + QDrop-style BRECQ.
+
+Calibration timesteps are drawn from N(mean, std) over normalized time t / T (their scripts: mean 0.4,
+std 0.4), clipped to the range the sampler visits and mapped to the nearest visited timestep; each
+draw takes a row of the FP trajectories at that timestep (the sample the FP sampler produced there).
+Then activation ranges are initialised (MSE) and each block is reconstructed with AdaRound weights
+and learned (LSQ) activation step sizes jointly, with QDrop (drop probability 0.5).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from harness.calibration import CalibData
+from harness.models.base import DiffusionModel
+from methods.base import METHODS, Method, MethodReport
+from methods.engine.calibrate import calibrate_activations
+from methods.engine.modules import QuantSpec
+from methods.engine.reconstruction import ReconConfig, reconstruct_model
+from methods.rtn import finish, insert_quantizers, method_spec
+
+
+def normal_timestep_rows(calib: CalibData, n_rows: int, mean: float, std: float, seed: int) -> CalibData:
+    """`n_rows` rows whose timesteps follow N(mean, std) over t / T, snapped to visited timesteps.
+
+    Rows at a timestep are used without replacement while they last, then reused."""
+    if n_rows < 1 or std <= 0:
+        raise ValueError(f"<calib_rows={n_rows}> must be positive and <t_std={std}> > 0")
+    gen = torch.Generator().manual_seed(seed)
+    visited = torch.tensor(sorted(set(calib.t.tolist())), dtype=torch.float64)
+    T = calib.num_train_timesteps
+    u = (torch.randn(n_rows, generator=gen, dtype=torch.float64) * std + mean) * T
+    u = u.clamp(float(visited.min()), float(visited.max()))
+    nearest = visited[(u[:, None] - visited[None, :]).abs().argmin(dim=1)].long()
+    chosen: list[torch.Tensor] = []
+    for ts, count in zip(*torch.unique(nearest, return_counts=True), strict=True):
+        rows = torch.nonzero(calib.t == ts).flatten()
+        order = rows[torch.randperm(rows.numel(), generator=gen)]
+        chosen.append(order.repeat(-(-int(count) // order.numel()))[: int(count)])
+    return calib.subset(torch.cat(chosen).sort().values)
+
+
+@METHODS.register("ptq4dm")
+class PTQ4DM(Method):
+    name = "ptq4dm"
+
+    def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
+        cfg = self.cfg
+        spec = method_spec(spec, cfg)
+        fp_model = model.with_net(copy.deepcopy(model.net))  # targets: untouched FP copy
+        details = insert_quantizers(model, spec, self.keep_fp, cfg.get("quant_attention", True))
+        rows = normal_timestep_rows(
+            calib, int(cfg["calib_rows"]), float(cfg["t_mean"]), float(cfg["t_std"]), int(cfg.get("seed", 0))
+        )
+        ts, counts = torch.unique(rows.t, return_counts=True)
+        details["calib_rows"] = len(rows)
+        details["calib_timestep_counts"] = {int(t): int(c) for t, c in zip(ts, counts, strict=True)}
+        if spec.act_bits is not None:
+            calibrate_activations(model, rows, int(cfg.get("capture_batch_size", 64)))
+        recon = ReconConfig.from_config(cfg, learn_act_scale=spec.act_bits is not None)
+        details["recon"] = reconstruct_model(model, fp_model, rows, recon)
+        details.update(finish(model))
+        return MethodReport(keep_fp=self.keep_fp, details=details)

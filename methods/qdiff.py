@@ -1,0 +1,70 @@
+"""Q-Diffusion (Li et al., ICCV 2023): time-step-aware calibration + BRECQ, with split shortcuts.
+
+1. Calibration rows uniform over the sampler's steps: `n_steps` evenly spaced steps of the FP
+   trajectories, `samples_per_step` rows at each (the paper: 20 steps x 256 = 5120 rows).
+2. Split quantization: conv1 / conv_shortcut of every UNet up-block ResNet get one activation
+   quantizer for the upsampled hidden state and one for the concatenated skip connection.
+3. BRECQ block reconstruction of AdaRound weights with activations in FP, then activation ranges
+   (MSE init) and a second reconstruction pass that learns only the activation step sizes.
+4. Attention is quantized with separate Q, K, V and softmax quantizers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from harness.calibration import CalibData
+from harness.models.base import DiffusionModel, denoise
+from methods.base import METHODS, Method, MethodReport
+from methods.engine.blocks import enable_skip_split, skip_splits
+from methods.engine.calibrate import batch_inputs, calibrate_activations, net_device
+from methods.engine.modules import QuantSpec, quant_layers, set_act_mode
+from methods.engine.reconstruction import ReconConfig, reconstruct_model
+from methods.rtn import finish, insert_quantizers, method_spec
+
+
+def uniform_step_rows(calib: CalibData, n_steps: int, samples_per_step: int, seed: int) -> CalibData:
+    """Rows at `n_steps` evenly spaced steps of the schedule, up to `samples_per_step` at each."""
+    if n_steps < 1 or samples_per_step < 1:
+        raise ValueError(f"<n_steps={n_steps}>, <samples_per_step={samples_per_step}> must be positive integers")
+    schedule = calib.schedule
+    picks = torch.linspace(0, len(schedule) - 1, min(n_steps, len(schedule))).round().long().unique()
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[torch.Tensor] = []
+    for i in picks.tolist():
+        rows = torch.nonzero(calib.t == schedule[i]).flatten()
+        chosen.append(rows[torch.randperm(rows.numel(), generator=gen)[:samples_per_step]])
+    return calib.subset(torch.cat(chosen).sort().values)
+
+
+@METHODS.register("qdiff")
+class QDiffusion(Method):
+    name = "qdiff"
+
+    def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
+        cfg = self.cfg
+        spec = method_spec(spec, cfg)
+        seed = int(cfg.get("seed", 0))
+        fp_model = model.with_net(copy.deepcopy(model.net))  # targets: untouched FP copy
+        details = insert_quantizers(model, spec, self.keep_fp, cfg.get("quant_attention", True))
+        rows = uniform_step_rows(calib, int(cfg["n_steps"]), int(cfg["samples_per_step"]), seed)
+        details["calib_rows"] = len(rows)
+        details["calib_timesteps"] = sorted(set(rows.t.tolist()), reverse=True)
+        if spec.act_bits is not None and cfg.get("split_shortcut", True):
+            first = rows.subset(torch.arange(1))
+            splits = skip_splits(model.net, lambda: denoise(model, *batch_inputs(first, net_device(model.net))))
+            details["split_layers"] = enable_skip_split(model.net, splits)
+
+        set_act_mode(model.net, "off")
+        weights = ReconConfig.from_config(cfg)
+        details["weight_recon"] = reconstruct_model(model, fp_model, rows, weights)
+        if spec.act_bits is not None:
+            calibrate_activations(model, rows, int(cfg.get("capture_batch_size", 64)))
+            acts = ReconConfig.from_config(cfg, iters_key="act_iters", learn_weights=False, learn_act_scale=True)
+            frozen = [name for name, _ in quant_layers(model.net)]
+            details["act_recon"] = reconstruct_model(model, fp_model, rows, acts, frozen=frozen)
+        details.update(finish(model))
+        return MethodReport(keep_fp=self.keep_fp, details=details)
+

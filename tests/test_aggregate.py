@@ -1,0 +1,217 @@
+"""Aggregator: golden Markdown for a small synthetic store, bold best by direction, FP first, seeds,
+filters, ablation and latency tables, LaTeX that pdflatex compiles, CSV, the TFE plot and the CLI."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from harness.aggregate.cli import main
+from harness.aggregate.frame import filter_frame, records_frame
+from harness.aggregate.metric_info import metric_info
+from harness.aggregate.plots import curve_series, plot_temporal_error
+from harness.aggregate.render import tex_escape, to_csv, to_latex, to_markdown
+from harness.aggregate.table import make_table
+from harness.store import ResultsStore, RunRecord
+
+STEPS = [900, 600, 300, 0]
+
+
+def _rec(i: int, model: str, method: str, bits: str, seed: int = 0, variant: str | None = None,
+         kind: str = "quality", backend: str = "fake", status: str = "finished", **metrics: float) -> RunRecord:
+    curves = {} if method == "fp" else {"timesteps": STEPS, "temporal_feature_error": [0.4, 0.3, 0.2, 0.1 * i]}
+    return RunRecord(f"r{i:02d}", model, method, bits, kind=kind, status=status, seed=seed, variant=variant,
+                     backend=backend, sampler="ddim", metrics=metrics, curves=curves,
+                     created=f"2026-01-01T00:00:{i:02d}+00:00")
+
+
+def _records() -> list[RunRecord]:
+    recs = [
+        _rec(1, "ddpm_mnist", "tfmq", "w4a8", seed=0, fid=9.2, sfid=11.0, **{"is": 8.9}),
+        _rec(2, "ddpm_mnist", "tfmq", "w4a8", seed=1, fid=9.4, sfid=11.2, **{"is": 8.7}),
+        _rec(3, "ddpm_mnist", "rtn", "w4a8", fid=12.0, sfid=10.5, **{"is": 8.0}),
+        _rec(4, "ddpm_mnist", "qdiff", "w4a8", fid=10.0, sfid=12.0, **{"is": 8.95}),
+        _rec(5, "ddpm_mnist", "rtn", "w8a8", fid=6.5, sfid=7.0, **{"is": 9.0}),
+        _rec(6, "ddpm_mnist", "tfmq", "w8a8", fid=6.1, sfid=7.0, **{"is": 9.05}),
+        _rec(7, "ddpm_mnist", "fp", "w32a32", fid=5.0, sfid=6.0, **{"is": 9.1}),
+        _rec(8, "cifar", "tfmq", "w4a8", fid=20.0, **{"is": 7.0}),
+        _rec(9, "cifar", "fp", "w32a32", fid=18.0, **{"is": 7.5}),
+        _rec(10, "ddpm_mnist", "tfmq", "w4a8", variant="no_tiar", fid=9.9, sfid=11.5, **{"is": 8.5}),
+        _rec(11, "ddpm_mnist", "tfmq", "w4a8", variant="no_fsc", fid=9.6, sfid=11.1, **{"is": 8.6}),
+        _rec(12, "ddpm_mnist", "fp", "w32a32", kind="latency", backend="openvino", latency_ms=10.0, weight_bytes=2e6),
+        _rec(13, "ddpm_mnist", "rtn", "w8a8", kind="latency", backend="openvino", latency_ms=14.0,
+             weight_bytes=5e5),
+        _rec(14, "ddpm_mnist", "rtn", "w4a8", status="failed"),
+    ]
+    return recs
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    return records_frame(_records())
+
+
+GOLDEN_QUALITY = """\
+| Model | Bits | Method | n | FID↓ | sFID↓ | IS↑ | TFE↓ |
+|---|---|---|---|---:|---:|---:|---:|
+| cifar | w32a32 | FP | 1 | 18.00 | – | 7.50 | – |
+|  | w4a8 | TFMQ-DM | 1 | 20.00 | – | 7.00 | 0.4250 |
+| ddpm_mnist | w32a32 | FP | 1 | 5.00 | 6.00 | 9.10 | – |
+|  | w8a8 | RTN | 1 | 6.50 | **7.00** | 9.00 | **0.3500** |
+|  |  | TFMQ-DM | 1 | **6.10** | **7.00** | **9.05** | 0.3750 |
+|  | w4a8 | RTN | 1 | 12.00 | **10.50** | 8.00 | 0.3000 |
+|  |  | Q-Diffusion | 1 | 10.00 | 12.00 | **8.95** | 0.3250 |
+|  |  | TFMQ-DM | 2 | **9.30 ± 0.14** | 11.10 ± 0.14 | 8.80 ± 0.14 | **0.2625 ± 0.0177** |
+"""
+
+
+def test_golden_quality_markdown(frame: pd.DataFrame) -> None:
+    assert to_markdown(make_table(frame, "quality")) == GOLDEN_QUALITY
+
+
+def test_fp_first_per_model_and_bits_order(frame: pd.DataFrame) -> None:
+    table = make_table(frame, "quality")
+    first = {}
+    for row in table.rows:
+        first.setdefault(row.group[0], row.label[0])
+    assert first == {"cifar": "FP", "ddpm_mnist": "FP"}
+    assert [r.group[1] for r in table.rows if r.group[0] == "ddpm_mnist"] == ["w32a32"] + ["w8a8"] * 2 + ["w4a8"] * 3
+
+
+def test_bold_respects_direction_and_groups(frame: pd.DataFrame) -> None:
+    table = make_table(frame, "quality", ["fid", "is"])
+    w4 = {r.label[0]: r.cells for r in table.rows if r.group == ("ddpm_mnist", "w4a8")}
+    assert [w4[m][0].bold for m in ("RTN", "Q-Diffusion", "TFMQ-DM")] == [False, False, True], "FID: lower wins"
+    assert [w4[m][1].bold for m in ("RTN", "Q-Diffusion", "TFMQ-DM")] == [False, True, False], "IS: higher wins"
+    fp = [r for r in table.rows if r.label == ("FP",)]
+    assert not any(c.bold for r in fp for c in r.cells), "a one-row group has nothing to beat"
+
+
+def test_seeds_give_mean_std_and_n(frame: pd.DataFrame) -> None:
+    row = next(r for r in make_table(frame, "quality").rows if r.group == ("ddpm_mnist", "w4a8")
+               and r.label == ("TFMQ-DM",))
+    assert row.n == 2 and row.cells[0].mean == pytest.approx(9.3)
+    assert row.cells[0].std == pytest.approx(0.1414, abs=1e-4)
+    single = records_frame([r for r in _records() if r.run_id != "r02"])
+    md = to_markdown(make_table(single, "quality"))
+    assert "±" not in md and "| n |" not in md, "no std and no n column with one seed per row"
+
+
+def test_filters_keep_fp_as_reference(frame: pd.DataFrame) -> None:
+    w8 = make_table(filter_frame(frame, bits=["w8a8"]), "quality")
+    assert {r.group for r in w8.rows} == {("ddpm_mnist", "w32a32"), ("ddpm_mnist", "w8a8"), ("cifar", "w32a32")}
+    only = make_table(filter_frame(frame, model=["cifar"], method=["tfmq"]), "quality")
+    assert [(r.group, r.label) for r in only.rows] == [(("cifar", "w4a8"), ("TFMQ-DM",))]
+    with pytest.warns(UserWarning, match=r"--model \['cfar'\] not in the store.*cifar"):
+        assert filter_frame(frame, model=["cfar"]).empty
+
+
+def test_headers_arrows_and_unknown_metric(frame: pd.DataFrame) -> None:
+    table = make_table(frame, "quality", ["is", "fid", "calib_seconds"])
+    assert [m.display + m.arrow for m in table.metrics] == ["IS↑", "FID↓"], "requested order; absent dropped"
+    assert metric_info("calib_seconds").display + metric_info("calib_seconds").arrow == "calib time (s)↓"
+    assert metric_info("weight_bytes").format(2.5e6) == "2.50" and metric_info("psnr").arrow == "↑"
+    assert metric_info("my_score").arrow == "" and metric_info("my_score").display == "my_score"
+    with pytest.raises(ValueError, match="Did you mean 'sfid'"):
+        make_table(frame, "quality", ["sfdi"])
+
+
+def test_failed_runs_and_duplicate_seeds() -> None:
+    recs = _records()
+    assert "r14" not in set(records_frame(recs)["run_id"]), "failed runs are not tabulated"
+    rerun = _rec(20, "ddpm_mnist", "rtn", "w8a8", fid=6.0, sfid=7.0, **{"is": 9.0})
+    with pytest.warns(UserWarning, match=r"r05"):
+        frame = records_frame([*recs, rerun])
+    rows = make_table(frame, "quality").rows
+    row = next(r for r in rows if r.group == ("ddpm_mnist", "w8a8") and r.label == ("RTN",))
+    assert row.n == 1 and row.cells[0].mean == 6.0, "the newest record of a config+seed wins, never averaged"
+
+
+def test_other_axes_that_vary_become_columns() -> None:
+    recs = [_rec(1, "m", "rtn", "w8a8", fid=7.0), _rec(2, "m", "rtn", "w8a8", backend="int8", fid=7.5)]
+    table = make_table(records_frame(recs), "quality")
+    assert table.label_cols == ("Method", "Backend") and [r.label for r in table.rows] == [
+        ("RTN", "fake"), ("RTN", "int8")], "different backends are never averaged as seeds"
+
+
+def test_ablation_and_latency_tables(frame: pd.DataFrame) -> None:
+    ablation = make_table(frame, "ablation")
+    assert ablation.label_cols == ("Method", "Variant")
+    assert [r.label[1] for r in ablation.rows] == ["no_fsc", "no_tiar", "full"]
+    assert {r.group for r in ablation.rows} == {("ddpm_mnist", "w4a8")}, "only ablated groups"
+    latency = make_table(frame, "latency")
+    assert latency.group_cols == ("Model", "Backend") and [m.key for m in latency.metrics] == ["latency_ms",
+                                                                                             "weight_bytes"]
+    assert [r.label for r in latency.rows] == [("w32a32", "FP"), ("w8a8", "RTN")]
+    assert "0.50" in to_markdown(latency) and "2.00" in to_markdown(latency), "weight bytes shown in MB"
+    assert make_table(records_frame([_rec(1, "m", "rtn", "w8a8", fid=1.0)]), "latency").rows == ()
+
+
+def test_latex_structure_and_escaping(frame: pd.DataFrame) -> None:
+    tex = to_latex(make_table(frame, "quality"), caption="W4A8 & co_1")
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"FID$\downarrow$" in tex and r"IS$\uparrow$" in tex
+    assert r"ddpm\_mnist" in tex and r"\textbf{9.30$\pm$0.14}" in tex and r"\caption{W4A8 \& co\_1}" in tex
+    assert tex.count(r"\midrule") == 2 and tex.count(r"\cmidrule") == 3
+    assert tex_escape(r"a_b%c$d#e{f}g~h^i\j") == (r"a\_b\%c\$d\#e\{f\}g\textasciitilde{}h"
+                                                 r"\textasciicircum{}i\textbackslash{}j")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_latex_compiles_with_pdflatex(frame: pd.DataFrame, tmp_path: Path) -> None:
+    (tmp_path / "t.tex").write_text(to_latex(make_table(frame, "quality"), caption="PTQ_results", standalone=True))
+    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert (tmp_path / "t.pdf").stat().st_size > 1000
+
+
+def test_csv_has_raw_means_and_stds(frame: pd.DataFrame) -> None:
+    df = pd.read_csv(io.StringIO(to_csv(make_table(frame, "quality", ["fid", "is"]))))
+    assert list(df.columns) == ["Model", "Bits", "Method", "n", "fid", "fid_std", "is", "is_std"]
+    tfmq = df[(df["Model"] == "ddpm_mnist") & (df["Bits"] == "w4a8") & (df["Method"] == "TFMQ-DM")].iloc[0]
+    assert tfmq["fid"] == pytest.approx(9.3) and tfmq["fid_std"] == pytest.approx(0.141421, abs=1e-6)
+    assert tfmq["n"] == 2 and len(df) == 8
+
+
+def test_temporal_error_plot(tmp_path: Path) -> None:
+    series = curve_series(_records())
+    assert list(series) == [("cifar", "w4a8"), ("ddpm_mnist", "w8a8"), ("ddpm_mnist", "w4a8")]
+    steps, mean = series[("ddpm_mnist", "w4a8")]["TFMQ-DM"]
+    assert steps == STEPS and mean[-1] == pytest.approx((0.1 + 0.2) / 2), "seeds averaged point-wise"
+    assert "FP" not in series[("ddpm_mnist", "w4a8")], "FP is the reference, its error is zero"
+    png = plot_temporal_error(_records(), tmp_path / "tfe.png")
+    assert png is not None and Image.open(png).size[0] > 1000
+    assert plot_temporal_error([_rec(1, "m", "fp", "w32a32")], tmp_path / "none.png") is None
+
+
+def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, capsys) -> None:
+    store = ResultsStore(tmp_path / "store")
+    for rec in _records():
+        store.write(rec)
+    (tmp_path / "store" / "broken.json").write_text('{"schema_version": 1, "run_')
+    out = tmp_path / "tables"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the CLI reports warnings itself
+        assert main(["--store", str(store.root), "--out", str(out), "--format", "all"]) == 0
+    printed = capsys.readouterr()
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{k}.{e}" for k in ("quality", "ablation", "latency") for e in ("md", "tex", "csv")) + [
+        "temporal_feature_error.png"]
+    assert all(f"wrote {out / n}" in printed.out for n in names)
+    assert "broken.json" in printed.err
+    assert (out / "quality.md").read_text() == GOLDEN_QUALITY
+
+    assert main(["--store", str(store.root), "--out", str(tmp_path / "t2"), "--format", "md",
+                 "--kind", "quality", "--bits", "w8a8", "--metrics", "fid"]) == 0
+    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == ["quality.md", "temporal_feature_error.png"]
+    assert "w4a8" not in (tmp_path / "t2" / "quality.md").read_text()
+    assert main(["--store", str(store.root), "--out", str(out), "--format", "pdf"]) == 2
+    assert main(["--store", str(tmp_path / "empty"), "--out", str(out)]) == 1
+    assert "nothing written" in capsys.readouterr().err
