@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SAMPLERS = ("ddim", "ddpm", "dpm_solver", "plms")
-EXTRACTORS = ("auto", "lenet", "inception")
+EXTRACTORS = ("auto", "lenet", "inception", "none")
 REFERENCES = ("auto", "dataset", "fp")
 RECIPES = ("quick", "paper")
 

@@ -70,8 +70,9 @@ def latency_metrics(rc: RunConfig, exe: DiffusionModel, qmodel: DiffusionModel, 
 def evaluate(rc: RunConfig, refs: References, qmodel: DiffusionModel, exe: DiffusionModel, samples: Samples,
              fp_samples: Samples) -> tuple[dict[str, Any], dict[str, Any]]:
     """(scalar metrics, per-timestep curves) of one run."""
-    metrics: dict[str, Any] = quality_metrics(rc, refs, samples, fp_samples)
-    metrics["psnr_vs_fp"] = psnr(fp_samples.images, samples.images)
+    metrics: dict[str, Any] = {} if rc.eval.extractor == "none" else quality_metrics(rc, refs, samples, fp_samples)
+    if samples is not fp_samples:  # the FP run is the reference itself (PSNR would be inf)
+        metrics["psnr_vs_fp"] = psnr(fp_samples.images, samples.images)
     curves: dict[str, Any] = {"timesteps": samples.timesteps}
     if samples.trajectory is not None and fp_samples.trajectory is not None:
         curves["trajectory_error"] = trajectory_error(fp_samples.trajectory, samples.trajectory)

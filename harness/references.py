@@ -46,12 +46,12 @@ class References:
         )
         return CalibData.from_tensors(tensors)
 
-    def fp_samples(self, precomputed: Samples | None = None) -> Samples:
-        """FP samples (and trajectories) for the eval seeds; `precomputed` seeds the cache (fp runs)."""
+    def fp_samples(self) -> Samples:
+        """FP samples (and trajectories) for the eval seeds."""
         deps = {**self.model_key, "sampler": self.sampler_key, "eval": self.eval_key}
 
         def build() -> dict[str, torch.Tensor]:
-            s = precomputed or sample(self.model, self.rc.sampler, self.rc.eval.n_samples,
+            s = sample(self.model, self.rc.sampler, self.rc.eval.n_samples,
                                       self.rc.eval.batch_size, self.rc.eval.seed,
                                       n_trajectory=self.rc.eval.n_trajectory, desc="FP reference samples")
             out = {"images": s.images, "timesteps": torch.tensor(s.timesteps)}

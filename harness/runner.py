@@ -62,9 +62,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
-    """Run one configuration (or resume it from the store) and return its record."""
-    rc, raw = validate(cfg)
+    """Run one configuration (or resume it from the store) and return its record.
+
+    An invalid config raises (after a failed record is written, so a sweep's store shows it); a
+    run that fails while running is recorded as failed and returned, so the sweep goes on."""
+    try:
+        rc, raw = validate(cfg)
+    except (ValueError, KeyError) as err:
+        _record_invalid(cfg, err)
+        raise
     rid = run_id(identity_config(raw))
+    sink = make_sink(rc.logger, group=group)  # a bad logger config fails here, before any work
     store = ResultsStore(Path(rc.paths["store"]))
     label = f"{rc.model['name']}/{rc.method['name']}/{rc.bits_tag}/{rc.backend['name']}"
     if not rc.force and store.is_finished(rid):
@@ -83,7 +91,6 @@ def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
         log.exception("%s failed", label)
         record.status, record.error, record.traceback = "failed", f"{type(err).__name__}: {err}", traceback.format_exc()
     store.write(record)
-    sink = make_sink(rc.logger, group=group)
     try:
         sink.log_record(record)
     finally:
@@ -93,6 +100,22 @@ def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
     if raw.get("fp_reference", True) and not rc.is_fp:
         run(fp_reference_config(raw), group=group)
     return record
+
+
+def _record_invalid(cfg: DictConfig | Mapping, err: Exception) -> None:
+    """Best effort: a config that does not validate still leaves a failed record behind."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    store_dir = (raw.get("paths") or {}).get("store")
+    if not store_dir:
+        return
+    bits = raw.get("bits") or {}
+    record = RunRecord(
+        run_id=run_id(raw), model=str((raw.get("model") or {}).get("name")),
+        method=str((raw.get("method") or {}).get("name")),
+        bits=f"w{bits.get('weight_bits')}a{bits.get('act_bits')}", status="failed",
+        error=f"invalid config: {type(err).__name__}: {err}", traceback=traceback.format_exc(), config=raw,
+    )
+    ResultsStore(Path(store_dir)).write(record)
 
 
 def fp_reference_config(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,11 +144,14 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     backend = BACKENDS.get(rc.backend["name"])(rc.backend)
     exe = backend.prepare(result.model, spec)
     e = rc.eval
-    samples = sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed, n_trajectory=e.n_trajectory,
-                     desc=f"sampling {rc.method['name']} {rc.bits_tag}")
-    fp_samples = refs.fp_samples(samples if spec is None and rc.backend["name"] == "fake" else None)
+    fp_samples = refs.fp_samples()
+    if spec is None and rc.backend["name"] == "fake":
+        samples = fp_samples  # the FP model on the reference backend *is* the shared FP artifact
+    else:
+        samples = sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed, n_trajectory=e.n_trajectory,
+                         desc=f"sampling {rc.method['name']} {rc.bits_tag}")
     log.info("Metrics")
-    record.metrics, record.curves = evaluate(rc, refs, exe, samples, fp_samples)
+    record.metrics, record.curves = evaluate(rc, refs, result.model, exe, samples, fp_samples)
     record.metrics["calib_seconds"] = result.report.calib_seconds
     record.report = {**result.report.__dict__, "backend": backend.describe()}
     record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))

@@ -34,7 +34,13 @@ from methods.engine.reconstruction import ReconConfig, reconstruct_model
 from methods.qdiff import uniform_step_rows
 from methods.rtn import finish, insert_quantizers, method_spec
 from methods.temporal.cache import build_caches, install_caches, skip_embedders
-from methods.temporal.fsc import FSC_SCOPES, calibrate_fsc, guard_schedule
+from methods.temporal.fsc import (
+    FSC_SCOPES,
+    calibrate_every_quantizer,
+    calibrate_tib_per_timestep,
+    guard_schedule,
+    per_timestep_quantizers,
+)
 from methods.temporal.labels import install_label_context
 from methods.temporal.selection import Choice, path_errors, select_paths
 from methods.temporal.tiar import reconstruct_tib, tib_quant_layers
@@ -110,23 +116,28 @@ def _reconstruct_weights(model: DiffusionModel, fp_model: DiffusionModel, rows: 
 
 def _calibrate_activations(model: DiffusionModel, fp_model: DiffusionModel, rows: CalibData, calib: CalibData,
                            tib: TIB, cfg: dict[str, Any], toggles: TfmqToggles) -> dict[str, Any]:
-    """Activation ranges (per timestep where FSC applies), then step-size reconstruction."""
+    """Activation ranges (per timestep where FSC applies) and step-size reconstruction.
+
+    The TIB's per-timestep ranges come last: block reconstruction captures inputs with batches that
+    mix timesteps, which a per-timestep quantizer upstream of every block would reject.
+    """
     out: dict[str, Any] = {}
+    fsc: dict[str, Any] = {"scope": toggles.fsc_scope, "timesteps": list(calib.schedule)}
     batch = int(cfg["capture_batch_size"])
-    if toggles.fsc:
-        fsc_rows = rows
-        if toggles.fsc_scope == "all":
-            fsc_rows = uniform_step_rows(calib, len(calib.schedule), int(cfg["fsc_samples_per_step"]),
-                                         int(cfg.get("seed", 0)))
-        names = calibrate_fsc(model, fsc_rows, tib, toggles.fsc_scope, batch)
-        out["fsc"] = {"scope": toggles.fsc_scope, "per_timestep_quantizers": len(names),
-                      "timesteps": list(calib.schedule), "calib_rows": len(fsc_rows)}
+    if toggles.fsc and toggles.fsc_scope == "all":
+        every_step = uniform_step_rows(calib, len(calib.schedule), int(cfg["fsc_samples_per_step"]),
+                                       int(cfg.get("seed", 0)))
+        calibrate_every_quantizer(model, every_step, batch)
+        fsc["calib_rows"] = len(every_step)
     else:
         calibrate_activations(model, rows, batch)
     if int(cfg.get("act_iters", 0)) > 0:
         acts = ReconConfig.from_config(cfg, iters_key="act_iters", learn_weights=False, learn_act_scale=True)
         frozen = [name for name, _ in quant_layers(model.net)]
         out["act_recon"] = reconstruct_model(model, fp_model, rows, acts, frozen=frozen)
+    if toggles.fsc:
+        calibrate_tib_per_timestep(model.net, tib, calib.schedule, calib.labels)
+        out["fsc"] = {**fsc, "per_timestep_quantizers": len(per_timestep_quantizers(model.net))}
     return out
 
 

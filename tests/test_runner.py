@@ -50,10 +50,15 @@ def test_fp_identity_ignores_bits(tmp_path: Path) -> None:
 
 
 def test_failed_run_is_recorded_and_does_not_raise(tmp_path: Path) -> None:
-    # a 3-step sampler gives calibration data whose timesteps differ from the 4-step eval schedule
-    # only if artifacts were mixed up; here we make the method itself fail: a missing local path.
-    rec = run(_cfg(tmp_path, "method=rtn", "model.path=/nonexistent/folder"))
+    rec = run(_cfg(tmp_path, "method=rtn", "model=ddpm_cifar10", "model.path=/nonexistent/folder"))
     assert rec.status == "failed"
     assert "/nonexistent/folder" in rec.error and rec.traceback
     stored = ResultsStore(tmp_path / "store").get(rec.run_id)
     assert stored is not None and stored.status == "failed"
+
+
+def test_invalid_config_raises_and_leaves_a_failed_record(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"<sampler.steps=0>"):
+        run(_cfg(tmp_path, "method=rtn", "sampler.steps=0"))
+    (rec,) = ResultsStore(tmp_path / "store").records()
+    assert rec.status == "failed" and "sampler.steps=0" in rec.error

@@ -151,7 +151,8 @@ def features_to_metrics(feats: Features, reference: dict[str, torch.Tensor], bac
 
 
 def real_floor(extractor: FeatureExtractor, images: torch.Tensor, held_out: int = 1000, seed: int = 0,
-               batch_size: int = 250, backend: Backend = "torch-fidelity", progress: bool = False) -> dict[str, float]:
+               batch_size: int = 250, backend: Backend = "torch-fidelity", kid_subsets: int = KID_SUBSETS,
+               progress: bool = False) -> dict[str, float]:
     """Metrics of `held_out` real images against the reference built from the rest: the noise floor
     of the protocol (a model that reproduced the data exactly would score about this)."""
     if not 2 <= held_out <= len(images) - 2:
@@ -159,7 +160,7 @@ def real_floor(extractor: FeatureExtractor, images: torch.Tensor, held_out: int 
     feats = images_to_features(extractor, images, batch_size, progress, desc="real-vs-real features")
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     reference = features_to_reference(feats[perm[held_out:]], seed=seed)
-    return features_to_metrics(feats[perm[:held_out]], reference, backend, seed=seed)
+    return features_to_metrics(feats[perm[:held_out]], reference, backend, kid_subsets, seed=seed)
 
 
 def mnist_real_floor(extractor: FeatureExtractor | None = None, held_out: int = 1000,

@@ -95,11 +95,14 @@ def build_network(state_dict: dict[str, torch.Tensor] | None, seed: int = 0) -> 
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     if state_dict is not None:
-        missing, unexpected = nn.Module.load_state_dict(net, state_dict, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
-            raise ValueError(f"not an InceptionV3 FID state dict: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}; expected torch-fidelity's {WEIGHTS_FILE}")
+        expected = {k: v.shape for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+        got = {k: v.shape for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+        if got != expected:
+            wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+            raise ValueError(f"not an InceptionV3 FID state dict: missing {sorted(expected.keys() - got.keys())[:5]}, "
+                             f"unexpected {sorted(got.keys() - expected.keys())[:5]}, wrong shapes {wrong[:5]}; "
+                             f"expected torch-fidelity's {WEIGHTS_FILE}")
+        nn.Module.load_state_dict(net, state_dict, strict=False)  # num_batches_tracked may be absent
     return net.eval().requires_grad_(False)
 
 

@@ -11,6 +11,7 @@ replacement (cached features), and whatever sits there is what the block consume
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -53,7 +54,7 @@ def capture_temporal_features(model: DiffusionModel, timesteps: list[int], cond:
     x = torch.zeros(batch, *model.sample_shape, device=device)
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
-    def hook(name: str):
+    def hook(name: str) -> Callable[[torch.nn.Module, tuple, torch.Tensor], None]:
         def fn(_m: torch.nn.Module, _i: tuple, out: torch.Tensor) -> None:
             captured[name].append(out.detach().float().reshape(1, -1).cpu())
         return fn

@@ -21,7 +21,7 @@ import inspect
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
@@ -41,6 +41,8 @@ DATASETS = ("mnist",)
 INITS = ("pretrained", "random")
 # Sub-folder of a diffusers pipeline folder that holds the denoiser, per family.
 PIPELINE_SUBFOLDER = {"unet": "unet", "unet_text": "unet", "dit": "transformer"}
+# facebook/DiT-XL-2-256 predates DiTTransformer2DModel: its config.json names the generic class.
+LEGACY_CLASS_NAMES = {"dit": ("Transformer2DModel",)}
 KEYS = ("name", "family", "sample_shape", "num_classes", "cond_shape", "guidance_scale", "dataset",
         "init", "path", "weights", "hub_id", "subfolder", "local_files_only", "arch", "seed", "scheduler")
 HOW_TO_PROVIDE = ("provide the weights as a local diffusers folder: model.path=/path/to/folder "
@@ -56,7 +58,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _fail(key: str, value: Any, accepted: str) -> None:
+def _fail(key: str, value: Any, accepted: str) -> NoReturn:
     raise ValueError(f"<model.{key}={value!r}> is invalid; accepted: {accepted}")
 
 
@@ -164,8 +166,6 @@ def check_model_config(cfg: Mapping) -> None:
     _check_arch(cfg, MODELS.get(family))
 
 
-
-
 def _random_net(cfg: Mapping, cls: type[ModelMixin]) -> ModelMixin:
     # fork_rng: building a model must not shift the caller's global random stream.
     with torch.random.fork_rng(devices=[]):
@@ -193,7 +193,7 @@ def _local_layout(root: Path, family: str, subfolder: str | None) -> tuple[Path,
 def _from_folder(root: Path, cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
     net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
     declared = json.loads((net_dir / "config.json").read_text()).get("_class_name")
-    if declared not in (None, cls.__name__):
+    if declared not in (None, cls.__name__, *LEGACY_CLASS_NAMES.get(cfg["family"], ())):
         raise ValueError(f"{net_dir / 'config.json'} holds a {declared}, but model.family={cfg['family']} "
                          f"expects a {cls.__name__}; fix model.family or model.path")
     net = cls.from_pretrained(net_dir)

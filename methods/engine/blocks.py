@@ -68,8 +68,9 @@ def find_blocks(net: nn.Module, order_by: Callable[[], object] | None = None) ->
     Outermost diffusers blocks of `BLOCK_TYPES`, plus QuantLayers outside any block. Units without a
     QuantLayer (e.g. a pooling downsampler, or a block kept entirely in FP) are left out: there is
     nothing to reconstruct. The static order is registration order with resnets and attentions of a
-    UNet block interleaved and the mid block before the up blocks; `order_by`, a callable that runs one forward pass of `net`, replaces it
-    by the observed order of first calls (units never called go last).
+    UNet block interleaved and the mid block before the up blocks; `order_by`, a callable that runs
+    one forward pass of `net`, replaces it by the observed order of first calls (units never called
+    go last).
     """
     units: list[tuple[str, nn.Module]] = []
     inside: str | None = None

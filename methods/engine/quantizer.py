@@ -92,7 +92,8 @@ class UniformQuantizer(nn.Module):
 
     def integer(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of `x` (for real integer backends), as int32."""
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax).int()
+        scale, zp = self._shaped(self.scale, x), self._shaped(self.zero_point, x)
+        return torch.clamp(torch.round(x / scale) + zp, self.qmin, self.qmax).int()
 
     def _shaped(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if self.channel_axis is None or v.numel() == 1:

@@ -147,8 +147,8 @@ def optimize_layers(
                     g["lr"] = 0.5 * cfg.act_lr * (1 + math.cos(math.pi * (it + 1) / iters))
                     for p in g["params"]:
                         p.data.clamp_(min=1e-8)
-            final = float(rec.detach())
-            if it % 50 == 0:
+            if it % 50 == 0 or it == iters - 1:  # reading the loss syncs a GPU: not every step
+                final = float(rec.detach())
                 bar.set_postfix(rec=f"{final:.4g}")
     finally:
         for p in act_params:
@@ -207,9 +207,12 @@ def _collate(values: list[Any], rows: list[int]) -> Any:
 
 @torch.no_grad()
 def _capture(
-    model: DiffusionModel, rows: CalibData, module: nn.Module, batch_size: int, want_inputs: bool
+    model: DiffusionModel, rows: CalibData, module: nn.Module, batch_size: int, want_inputs: bool, by_t: bool
 ) -> _Inputs | torch.Tensor:
-    """Run `rows` through `model` until `module` has run once per batch; keep its inputs or output."""
+    """Run `rows` through `model` until `module` has run once per batch; keep its inputs or output.
+
+    `by_t` feeds one timestep per batch (needed once per-timestep quantizers exist); `rows` must then
+    be grouped by timestep in schedule order, so that the captured rows keep the order of `rows`."""
     device = net_device(model.net)
     got: list[tuple[tuple, dict, torch.Tensor]] = []
 
@@ -220,7 +223,7 @@ def _capture(
     handle = module.register_forward_hook(hook, with_kwargs=True)
     sizes: list[int] = []
     try:
-        for batch in rows.batches(batch_size):
+        for batch in rows.batches(batch_size, by_timestep=by_t):
             try:
                 denoise(model, *batch_inputs(batch, device))
             except _Stop:
@@ -250,7 +253,8 @@ def _train_indices(t: torch.Tensor, bs: int, single_t: bool, gen: torch.Generato
 
 
 def _eval_indices(t: torch.Tensor, n_rows: int, bs: int, single_t: bool) -> list[torch.Tensor]:
-    rows = torch.arange(min(n_rows, t.numel()))
+    """Batches over `n_rows` rows spread evenly over all rows (rows may be grouped by timestep)."""
+    rows = torch.linspace(0, t.numel() - 1, min(n_rows, t.numel())).round().long().unique()
     groups = [rows[t[rows] == v] for v in torch.unique(t[rows])] if single_t else [rows]
     return [g[i : i + bs] for g in groups for i in range(0, g.numel(), bs)]
 
@@ -296,6 +300,22 @@ def _subsample(calib: CalibData, n: int | None, gen: torch.Generator) -> CalibDa
     return calib.subset(torch.randperm(len(calib), generator=gen)[:n].sort().values)
 
 
+def _grouped_by_timestep(rows: CalibData) -> CalibData:
+    """Rows reordered by their timestep's position in the schedule (the order of `batches(by_timestep)`)."""
+    position = {t: i for i, t in enumerate(rows.schedule)}
+    unknown = sorted(set(rows.t.tolist()) - set(position))
+    if unknown:
+        raise ValueError(f"calibration rows at timesteps {unknown} are not in the schedule {rows.schedule}")
+    keys = torch.tensor([position[t] for t in rows.t.tolist()])
+    return rows.subset(torch.sort(keys, stable=True).indices)
+
+
+def _cuda_ids(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def reconstruct_model(
     q_model: DiffusionModel,
     fp_model: DiffusionModel,
@@ -319,6 +339,9 @@ def reconstruct_model(
     if len(rows) == 0:
         raise ValueError("reconstruction needs calibration rows; got an empty CalibData")
     _freeze_named(net, frozen)
+    by_t = any(q.per_timestep for _, q in act_quantizers(net))
+    if by_t:
+        rows = _grouped_by_timestep(rows)
     first = rows.subset(torch.arange(1))
     units = find_blocks(net, order_by=lambda: denoise(q_model, *batch_inputs(first, device)))
     stats: dict[str, Any] = {"blocks": {}, "skipped": [], "order": [n for n, _ in units]}
@@ -326,14 +349,14 @@ def reconstruct_model(
     for p in saved_grad:
         p.requires_grad_(False)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=_cuda_ids(device)):
             torch.manual_seed(cfg.seed)
             for i, (name, unit) in enumerate(units):
                 if name in skip:
                     stats["skipped"].append(name)
                     continue
                 log.info("reconstructing unit %d/%d: %s", i + 1, len(units), name)
-                result = _reconstruct_unit(q_model, fp_model, rows, name, unit, cfg, set(frozen), gen)
+                result = _reconstruct_unit(q_model, fp_model, rows, name, unit, cfg, set(frozen), gen, by_t)
                 if result is None:
                     stats["skipped"].append(name)
                 else:
@@ -354,6 +377,7 @@ def _reconstruct_unit(
     cfg: ReconConfig,
     frozen: set[str],
     gen: torch.Generator,
+    by_t: bool,
 ) -> dict[str, float] | None:
     """One unit: capture, measure, optimise, measure. None when it has nothing to optimise."""
     start = time.perf_counter()
@@ -365,8 +389,8 @@ def _reconstruct_unit(
     if not layers and not act_params:
         return None
     device = net_device(q_model.net)
-    inputs = _capture(q_model, rows, unit, cfg.capture_batch_size, want_inputs=True)
-    target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, want_inputs=False)
+    inputs = _capture(q_model, rows, unit, cfg.capture_batch_size, True, by_t)
+    target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, False, by_t)
     t_rows = rows.t
     single_t = any(q.per_timestep for q in quantizers)
 

@@ -11,7 +11,6 @@ message naming both schedules.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 from torch import nn
@@ -24,7 +23,6 @@ from methods.engine.modules import QuantLayer
 from methods.engine.quantizer import ActQuantizer
 from methods.temporal.tib import TIB, iter_schedule
 
-FscScope = Literal["tib", "all"]
 FSC_SCOPES: tuple[str, ...] = ("tib", "all")
 
 
@@ -57,26 +55,24 @@ def calibrate_tib_per_timestep(net: nn.Module, tib: TIB, schedule: list[int], la
     return sorted(quantizers)
 
 
-def calibrate_fsc(model: DiffusionModel, calib: CalibData, tib: TIB, scope: FscScope, batch_size: int) -> list[str]:
-    """Calibrate every activation quantizer, per timestep for the scope; returns the per-timestep names.
+def calibrate_every_quantizer(model: DiffusionModel, rows: CalibData, batch_size: int) -> None:
+    """Scope "all": per-timestep ranges for every activation quantizer of the network.
 
-    Scope "all" needs calibration rows at every timestep of the schedule (the captured FP trajectories
-    provide them); the TIB's quantizers are then refined over every label, which calibration rows
-    only cover as far as the sampled labels go.
+    Needs rows at every timestep of the schedule (the captured FP trajectories have them). The TIB's
+    quantizers are best refined afterwards with `calibrate_tib_per_timestep`, over every label.
     """
-    if scope not in FSC_SCOPES:
-        raise ValueError(f"<method.fsc_scope={scope}> must be one of {', '.join(FSC_SCOPES)}")
-    missing = sorted(set(calib.schedule) - set(calib.t.unique().tolist()))
-    if scope == "all" and missing:
+    missing = sorted(set(rows.schedule) - set(rows.t.unique().tolist()))
+    if missing:
         raise ValueError(
             f"FSC scope 'all' needs calibration rows at every sampler timestep; missing {missing} of "
-            f"schedule {calib.schedule}"
+            f"schedule {rows.schedule}"
         )
-    calibrate_activations(model, calib, batch_size, per_timestep=scope == "all")
-    names = calibrate_tib_per_timestep(model.net, tib, calib.schedule, calib.labels)
-    if scope == "tib":
-        return names
-    return sorted(n for n, m in model.net.named_modules() if isinstance(m, ActQuantizer) and m.per_timestep)
+    calibrate_activations(model, rows, batch_size, per_timestep=True)
+
+
+def per_timestep_quantizers(net: nn.Module) -> list[str]:
+    """Names of the activation quantizers that hold one range per timestep."""
+    return sorted(n for n, m in net.named_modules() if isinstance(m, ActQuantizer) and m.per_timestep)
 
 
 def _schedule_error(calibrated: list[int], requested: Iterable[int], missing: list[int]) -> ValueError:

@@ -1,0 +1,68 @@
+"""AdaRound: learned roundings are valid roundings (floor or ceil), start at round-to-nearest."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods.engine.adaround import AdaRound, freeze_layer
+from methods.engine.modules import QuantLayer, QuantSpec
+
+torch.set_num_threads(1)
+
+
+def _layer(bits: int = 3) -> QuantLayer:
+    torch.manual_seed(0)
+    return QuantLayer(nn.Conv2d(4, 6, 3), QuantSpec(bits, None))
+
+
+def _codes(layer: QuantLayer, w_q: torch.Tensor) -> torch.Tensor:
+    s = layer.weight_quantizer.scale.detach().reshape(-1, 1, 1, 1)
+    return w_q / s
+
+
+def test_init_is_fp_when_soft_and_nearest_when_hard() -> None:
+    layer = _layer()
+    rounding = AdaRound(layer)
+    assert layer.weight_rounding is rounding
+    w = layer.layer.weight
+    grid = torch.floor(_codes(layer, w)) + layer.weight_quantizer.zero_point.reshape(-1, 1, 1, 1)
+    inside = (grid >= 0) & (grid + 1 <= 7)  # away from the clamp at the ends of the 3-bit grid
+    soft = layer.quantized_weight()
+    assert torch.allclose(soft[inside], w[inside], atol=1e-5)  # h(alpha) = fractional part
+    rounding.hard = True
+    assert torch.allclose(layer.quantized_weight(), layer.weight_quantizer(w), atol=1e-6)
+
+
+def test_trained_rounding_is_floor_or_ceil() -> None:
+    layer = _layer()
+    rounding = AdaRound(layer)
+    opt = torch.optim.Adam([rounding.alpha], lr=0.1)
+    x = torch.randn(8, 4, 6, 6)
+    target = layer.layer(x).detach() + 0.3 * torch.randn(8, 6, 4, 4)  # pull away from nearest
+    for it in range(60):
+        loss = (layer(x) - target).pow(2).mean() + 0.01 * rounding.regularizer(20.0 - 0.3 * it)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = layer.layer.weight.detach()
+    nearest = layer.weight_quantizer(w)
+    freeze_layer(layer)
+    assert layer.weight_rounding is None and layer.w_q is not None
+    codes = _codes(layer, layer.w_q)
+    scaled = _codes(layer, w)
+    zp = layer.weight_quantizer.zero_point.reshape(-1, 1, 1, 1)
+    lo = torch.clamp(torch.floor(scaled) + zp, 0, 7) - zp
+    hi = torch.clamp(torch.floor(scaled) + 1 + zp, 0, 7) - zp
+    valid = torch.isclose(codes, lo, atol=1e-4) | torch.isclose(codes, hi, atol=1e-4)
+    assert bool(valid.all())
+    assert not torch.allclose(layer.w_q, nearest)  # it learned something other than nearest
+
+
+def test_regularizer_vanishes_on_binary_rounding() -> None:
+    rounding = AdaRound(_layer())
+    start = float(rounding.regularizer(2.0).detach())
+    with torch.no_grad():
+        rounding.alpha.copy_(torch.where(rounding.alpha >= 0, 10.0, -10.0))
+    assert start > 0
+    assert float(rounding.regularizer(2.0).detach()) == 0.0
