@@ -109,7 +109,7 @@ def load_bench_model(cfg: BenchConfig) -> tuple[DiffusionModel, str]:
     mcfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{cfg.model}.yaml"), resolve=True)
     if cfg.init in ("auto", "pretrained"):
         try:
-            return load_model(mcfg), "pretrained"
+            return load_model(mcfg), str(mcfg.get("init", "pretrained"))
         except (OSError, ValueError) as err:
             if cfg.init == "pretrained":
                 raise
@@ -262,6 +262,16 @@ def format_table(rows: list[dict[str, Any]], batch_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def cache_summary(rows: list[dict[str, Any]]) -> str:
+    """TFMQ's cache-based maintenance vs the same W8A8 model with its TIB, batch 1, per backend."""
+    plain = {r["backend"]: r["metrics"]["latency_ms_b1"] for r in rows
+             if r["method"] == "rtn" and r["bits"] == "w8a8" and "latency_ms_b1" in r["metrics"]}
+    lines = [f"TFMQ cache (TIB skipped), w8a8, batch 1, {r['backend']}: {plain[r['backend']]:.2f} ms -> "
+             f"{r['metrics']['latency_ms_b1']:.2f} ms ({plain[r['backend']] / r['metrics']['latency_ms_b1']:.2f}x)"
+             for r in rows if r["method"] == "rtn+cache" and r["backend"] in plain]
+    return "\n".join(lines) or "TFMQ cache: not measured (tfmq_cache=false, no w8a8, or methods.temporal missing)"
+
+
 def record_of(cell: Cell, metrics: dict[str, Any], cfg: BenchConfig, init: str, env: dict[str, Any]) -> RunRecord:
     ident = {"kind": "latency", "model": cfg.model, "init": init, "bits": cell.bits, "method": cell.method,
              "backend": cell.backend, "batch_sizes": cell.batch_sizes, "threads": cfg.threads}
@@ -294,6 +304,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     print(f"\n{cfg.model} ({init} weights), {cells[0].timings[0]['device'] if cells else '-'}, "
           f"torch threads {torch.get_num_threads()}, CPU {env.get('cpu', {})}")
     print(format_table(rows, cfg.batch_sizes))
+    print(cache_summary(rows))
     return rows
 
 

@@ -153,5 +153,8 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     log.info("Metrics")
     record.metrics, record.curves = evaluate(rc, refs, result.model, exe, samples, fp_samples)
     record.metrics["calib_seconds"] = result.report.calib_seconds
+    cache = result.report.details.get("cache")
+    if isinstance(cache, dict) and "cache_bytes" in cache:  # TFMQ's cached temporal features
+        record.metrics["cache_bytes"] = cache["cache_bytes"]
     record.report = {**result.report.__dict__, "backend": backend.describe()}
     record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))

@@ -71,7 +71,8 @@ class Method(ABC):
         report.calib_seconds = time.perf_counter() - start
         if torch.cuda.is_available():
             report.peak_memory_bytes = torch.cuda.max_memory_allocated()
-        report.recipe = {"name": self.recipe_name, **{k: v for k, v in self.cfg.items() if k != "keep_fp"}}
+        settings = {k: v for k, v in self.cfg.items() if k not in ("keep_fp", "name")}
+        report.recipe = {**settings, "recipe": self.recipe_name}
         return QuantResult(model.with_net(net), report)
 
     @abstractmethod

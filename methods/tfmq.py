@@ -116,11 +116,8 @@ def _reconstruct_weights(model: DiffusionModel, fp_model: DiffusionModel, rows: 
 
 def _calibrate_activations(model: DiffusionModel, fp_model: DiffusionModel, rows: CalibData, calib: CalibData,
                            tib: TIB, cfg: dict[str, Any], toggles: TfmqToggles) -> dict[str, Any]:
-    """Activation ranges (per timestep where FSC applies) and step-size reconstruction.
-
-    The TIB's per-timestep ranges come last: block reconstruction captures inputs with batches that
-    mix timesteps, which a per-timestep quantizer upstream of every block would reject.
-    """
+    """Activation ranges (per timestep where FSC applies), then step-size reconstruction of the
+    quantizers that keep one global range, with the final per-timestep ranges already in place."""
     out: dict[str, Any] = {}
     fsc: dict[str, Any] = {"scope": toggles.fsc_scope, "timesteps": list(calib.schedule)}
     batch = int(cfg["capture_batch_size"])
@@ -131,13 +128,13 @@ def _calibrate_activations(model: DiffusionModel, fp_model: DiffusionModel, rows
         fsc["calib_rows"] = len(every_step)
     else:
         calibrate_activations(model, rows, batch)
+    if toggles.fsc:
+        calibrate_tib_per_timestep(model.net, tib, calib.schedule, calib.labels)
+        out["fsc"] = {**fsc, "per_timestep_quantizers": len(per_timestep_quantizers(model.net))}
     if int(cfg.get("act_iters", 0)) > 0:
         acts = ReconConfig.from_config(cfg, iters_key="act_iters", learn_weights=False, learn_act_scale=True)
         frozen = [name for name, _ in quant_layers(model.net)]
         out["act_recon"] = reconstruct_model(model, fp_model, rows, acts, frozen=frozen)
-    if toggles.fsc:
-        calibrate_tib_per_timestep(model.net, tib, calib.schedule, calib.labels)
-        out["fsc"] = {**fsc, "per_timestep_quantizers": len(per_timestep_quantizers(model.net))}
     return out
 
 

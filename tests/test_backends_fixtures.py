@@ -14,8 +14,8 @@ import copy
 import torch
 from omegaconf import OmegaConf
 
-from harness.calibration import CalibData
 from harness.bench import CONF
+from harness.calibration import CalibData
 from harness.models.base import DiffusionModel
 from harness.models.zoo import load_model
 from methods.engine.attention import quantize_attention

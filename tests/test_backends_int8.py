@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_backends_fixtures import SCHEDULE, inputs, quantized_tiny, tiny_model
 from torch import nn
 
 from harness.backends import BACKENDS
@@ -12,8 +13,6 @@ from harness.backends.kernels import KERNELS, IntMMKernel, OneDNNKernel, onednn_
 from harness.models.base import denoise
 from methods.engine.context import timestep_scope
 from methods.engine.modules import QuantLayer, QuantSpec
-from methods.engine.quantizer import ActQuantizer
-from test_backends_fixtures import SCHEDULE, inputs, quantized_tiny, tiny_model
 
 CPU_KERNELS = ["int_mm"] + (["onednn"] if onednn_available() else [])
 

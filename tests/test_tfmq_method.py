@@ -15,7 +15,9 @@ from harness.models.zoo import load_model
 from harness.sampling import sample
 from methods import METHODS
 from methods.engine.modules import QuantSpec, act_quantizers
-from methods.temporal.cache import SkippedEmbedding, TemporalFeatureCache
+from methods.temporal.cache import SkippedEmbedding, TemporalFeatureCache, cache_bytes
+from methods.temporal.fsc import tib_act_quantizers
+from methods.temporal.tib import find_tib
 from methods.tfmq import VARIANTS, TfmqToggles
 
 torch.set_num_threads(1)
@@ -79,8 +81,7 @@ def test_tfmq_end_to_end_on_class_conditional_unet() -> None:
         better = "cache" if choice["cache_error"] <= choice["tib_error"] else "tib"
         assert choice["path"] == better
         assert isinstance(net.get_submodule(choice["feature"]), TemporalFeatureCache) == (better == "cache")
-    assert cache["cache_bytes"] == sum(
-        m.nbytes for m in net.modules() if isinstance(m, TemporalFeatureCache)) > 0
+    assert cache["cache_bytes"] == cache_bytes(net) > 0
     all_cached = not cache["tib_features"]
     assert cache["embedders_skipped"] == all_cached
     assert isinstance(net.time_embedding, SkippedEmbedding) == all_cached
@@ -102,3 +103,15 @@ def test_brecq_variant_has_no_temporal_maintenance() -> None:
     assert not any(isinstance(m, TemporalFeatureCache) for m in net.modules())
     images = sample(result.model, SamplerConfig("ddim", 5, 0.0), 1, 1, seed=1).images
     assert torch.isfinite(images).all(), "without FSC or cache any schedule may be sampled"
+
+
+def test_fsc_scope_tib_gives_per_timestep_ranges_to_the_tib_only() -> None:
+    model, calib = _model_and_calib("tiny_unet")
+    cfg = _method_cfg(variant="tiar_fsc", cache=False, select=False, fsc_scope="tib")
+    result = METHODS.get("tfmq")(cfg, "quick").quantize(model, calib, QuantSpec(4, 8))
+    net = result.model.net
+    per_t = {name for name, q in act_quantizers(net) if q.per_timestep}
+    tib = find_tib(net)
+    assert per_t == set(tib_act_quantizers(net, tib)) and len(per_t) == 9
+    assert result.report.details["fsc"] == {"scope": "tib", "timesteps": calib.schedule, "per_timestep_quantizers": 9}
+    assert "act_recon" in result.report.details, "global quantizers still get their step sizes learned"

@@ -251,6 +251,17 @@ def _unlabelled(net: nn.Module, name: str) -> None:
         net.get_submodule(name)(torch.zeros(1, 4))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")
+def test_cache_refuses_to_be_traced_but_lookup_is_plain_indexing() -> None:
+    fp = tiny_unet()
+    tib = find_tib(fp)
+    cache = build_caches(fp, tib, tib.features[:1], SCHEDULE, [], bits=8)[tib.features[0]]
+    with pytest.raises(RuntimeError, match="trace would freeze"), timestep_scope(20):
+        torch.jit.trace(cache, torch.zeros(1, 32))
+    torch.testing.assert_close(cache.lookup(torch.tensor([2, 0]), torch.tensor([0, 0])),
+                               torch.stack([cache.values_at(500)[0], cache.values_at(980)[0]]))
+
+
 def test_skipped_embedder_keeps_shapes() -> None:
     stub = SkippedEmbedding(6)
     out = stub(torch.zeros(3), torch.zeros(3, dtype=torch.long), hidden_dtype=torch.float64)

@@ -98,7 +98,8 @@ class IntegerLayer(nn.Module):
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
-        w = (self.weight_codes.float() - self.weight_zero_point.float().reshape(shape)) * self.weight_scale.reshape(shape)
+        zp, scale = self.weight_zero_point.float().reshape(shape), self.weight_scale.reshape(shape)
+        w = (self.weight_codes.float() - zp) * scale
         g = self.geometry
         if g is None:
             return F.linear(x, w, self.bias)

@@ -38,7 +38,8 @@ def _openvino() -> Any:
         import openvino
         import openvino.passes  # noqa: F401  (a submodule `import openvino` does not load)
     except ImportError as err:  # optional extra
-        raise ImportError("backend=openvino needs the openvino package: pip install 'diffptq-harness[openvino]'") from err
+        raise ImportError("backend=openvino needs the openvino package: "
+                          "pip install 'diffptq-harness[openvino]'") from err
     return openvino
 
 
@@ -46,7 +47,8 @@ def _example_inputs(wrapper: ExportWrapper, model: DiffusionModel) -> dict[str, 
     """Batch 2 (not 1), so that nothing batch-size specific is baked into the traced graph."""
     batch = 2
     t = wrapper.table
-    timestep = t.slots[0].ts_keys[0] if t.slots else torch.tensor(model.scheduler_config.get("num_train_timesteps", 1000) // 2)
+    middle = int(model.scheduler_config.get("num_train_timesteps", 1000)) // 2
+    timestep = int(t.slots[0].ts_keys[0]) if t.slots else middle
     inputs = {"sample": torch.randn(batch, *model.sample_shape), "timestep": torch.full((batch,), int(timestep))}
     if model.num_classes is not None:
         inputs["cond"] = torch.zeros(batch, dtype=torch.long)

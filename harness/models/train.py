@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     sched = DDPMScheduler(**MNIST_SCHEDULER)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
-    meta = {"name": args.name, "command": "python -m harness.models.train " + shlex.join(sys.argv[1:]),
+    command = "python -m harness.models.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    meta = {"name": args.name, "command": command,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "ema_decay": args.ema_decay, "params": sum(p.numel() for p in net.parameters()),
@@ -178,7 +179,10 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "diffusers": diffusers.__version__, "loss_curve": []}
     if (ckpt / "state.safetensors").is_file():
         load_state(load_file(ckpt / "state.safetensors"), net, ema, opt, gen)
-        meta = json.loads((ckpt / "meta.json").read_text()) | {"resumed": True}
+        meta = json.loads((ckpt / "meta.json").read_text())
+        # A resume may extend the run (--steps): the record keeps every command and where it took over.
+        meta.setdefault("resumes", []).append({"step": meta["step"], "command": command})
+        meta["steps"] = args.steps
         print(f"resumed {args.name} at step {meta['step']} from {ckpt}", flush=True)
     run(net, ema, sched, opt, gen, data, labels, args, conditional, meta, out, ckpt)
 

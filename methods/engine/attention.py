@@ -10,12 +10,18 @@ found by `act_quantizers`, calibrated, moved and saved with the network.
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 from methods.engine.modules import QuantSpec
 from methods.engine.quantizer import ActQuantizer
+
+log = logging.getLogger(__name__)
+
+STANDARD_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
 
 class QuantAttnProcessor(nn.Module):
@@ -101,14 +107,23 @@ class QuantAttnProcessor(nn.Module):
 def quantize_attention(net: nn.Module, spec: QuantSpec) -> list[str]:
     """Install a QuantAttnProcessor on every diffusers Attention of `net` (in place).
 
-    Returns the names of the attention modules quantized; with a32 (no activation bits) there is
-    nothing to quantize and the network is left as is.
+    Only attentions running the standard processors are converted (their maths is what
+    QuantAttnProcessor reproduces); others (added KV projections, IP adapters, ...) keep their
+    processor and are logged. Returns the names of the attention modules quantized; with a32 (no
+    activation bits) there is nothing to quantize and the network is left as is.
     """
     if spec.act_bits is None:
         return []
     done: list[str] = []
     for name, module in net.named_modules():
-        if isinstance(module, Attention):
-            module.set_processor(QuantAttnProcessor(spec))
+        if not isinstance(module, Attention):
+            continue
+        if isinstance(module.processor, QuantAttnProcessor):  # already quantized: idempotent
             done.append(name)
+            continue
+        if not isinstance(module.processor, STANDARD_PROCESSORS) or module.added_kv_proj_dim is not None:
+            log.warning("attention %s uses %s: its matmuls stay unquantized", name, type(module.processor).__name__)
+            continue
+        module.set_processor(QuantAttnProcessor(spec))
+        done.append(name)
     return done

@@ -87,6 +87,10 @@ class UniformQuantizer(nn.Module):
         return scale.clamp_min(1e-8), zp
 
     def quantize_with(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        if scale.numel() == 1 and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+            # Inference: torch's fused kernel (one pass over x instead of eight elementwise ops).
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(()).float(), zp.reshape(()).round().int(), self.qmin, self.qmax)
         q = torch.clamp(round_ste(x / scale) + zp, self.qmin, self.qmax)
         return (q - zp) * scale
 

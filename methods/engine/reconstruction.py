@@ -14,7 +14,6 @@ block passes the FP value instead of the quantized one, elementwise, with probab
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -33,8 +32,6 @@ from methods.engine.blocks import find_blocks
 from methods.engine.calibrate import batch_inputs, net_device
 from methods.engine.context import install_timestep_context, timestep_scope
 from methods.engine.modules import QuantLayer, act_quantizers, quant_layers
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -246,7 +243,7 @@ def _train_indices(t: torch.Tensor, bs: int, single_t: bool, gen: torch.Generato
     """A random minibatch; with per-timestep quantizers in the block, all rows share one timestep."""
     n = t.numel()
     if not single_t:
-        return torch.randint(n, (min(bs, n),), generator=gen)
+        return torch.randperm(n, generator=gen)[:bs]
     anchor = t[torch.randint(n, (1,), generator=gen)]
     pool = torch.nonzero(t == anchor).flatten()
     return pool[torch.randperm(pool.numel(), generator=gen)[:bs]]
@@ -351,11 +348,10 @@ def reconstruct_model(
     try:
         with torch.random.fork_rng(devices=_cuda_ids(device)):
             torch.manual_seed(cfg.seed)
-            for i, (name, unit) in enumerate(units):
+            for name, unit in tqdm(units, desc="block reconstruction", unit="block"):
                 if name in skip:
                     stats["skipped"].append(name)
                     continue
-                log.info("reconstructing unit %d/%d: %s", i + 1, len(units), name)
                 result = _reconstruct_unit(q_model, fp_model, rows, name, unit, cfg, set(frozen), gen, by_t)
                 if result is None:
                     stats["skipped"].append(name)

@@ -80,7 +80,9 @@ class TemporalFeatureCache(nn.Module):
         i = int(torch.nonzero(self.timesteps == timestep)[0, 0])
         return (self.codes[i].float() - self.zero_point[i]) * self.scale[i]
 
-    def _index(self, keys: torch.Tensor, wanted: torch.Tensor, what: str) -> torch.Tensor:
+    def _positions(self, keys: torch.Tensor, wanted: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+        wanted = wanted.to(keys.device)
+        wanted = wanted.expand(batch) if wanted.numel() == 1 else wanted
         match = wanted[:, None] == keys[None, :]
         found = match.any(dim=1)
         if not bool(found.all()):
@@ -91,26 +93,32 @@ class TemporalFeatureCache(nn.Module):
             )
         return match.float().argmax(dim=1)
 
+    def lookup(self, timestep_index: torch.Tensor, label_index: torch.Tensor) -> torch.Tensor:
+        """(B, dim) dequantized features at row positions; pure tensor ops, so an exporter can trace it
+        with the positions as graph inputs."""
+        codes = self.codes[timestep_index, label_index].float()
+        return (codes - self.zero_point[timestep_index, None]) * self.scale[timestep_index, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            raise RuntimeError("TemporalFeatureCache reads the timestep and label from the call context, which "
+                               "a trace would freeze into constants; exporters must feed the positions as inputs "
+                               "and call `lookup`")
         batch = x.shape[0]
         t = current_timesteps()
         if t is None:
             raise RuntimeError("cached temporal features are served only inside a denoiser call "
                                "(install_timestep_context on the network) or a timestep_scope")
-        ti = self._index(self.timesteps, t.to(self.timesteps.device).expand(batch) if t.numel() == 1
-                         else t.to(self.timesteps.device), "timestep")
+        ti = self._positions(self.timesteps, t, batch, "timestep")
         if self.labels.numel():
             lab = current_labels()
             if lab is None:
                 raise RuntimeError("this cache is keyed by class label but the call published none: "
                                    "install_label_context on the network, or use label_scope")
-            lab = lab.to(self.labels.device)
-            li = self._index(self.labels, lab.expand(batch) if lab.numel() == 1 else lab, "label")
+            li = self._positions(self.labels, lab, batch, "label")
         else:
             li = torch.zeros_like(ti)
-        codes = self.codes[ti, li].float()
-        out = (codes - self.zero_point[ti, None]) * self.scale[ti, None]
-        return out.to(x.dtype)
+        return self.lookup(ti, li).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"timesteps={self.timesteps.numel()}, labels={self.labels.numel()}, dim={self.codes.shape[-1]}, "
@@ -202,4 +210,5 @@ def skip_embedders(model: DiffusionModel, tib: TIB, probe: tuple[torch.Tensor, t
 
 
 def cache_bytes(net: nn.Module) -> int:
+    """Memory of every temporal feature cache in `net` (count it with the weights)."""
     return sum(m.nbytes for m in net.modules() if isinstance(m, TemporalFeatureCache))

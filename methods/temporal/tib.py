@@ -148,7 +148,7 @@ def _dtype(net: nn.Module) -> torch.dtype:
     return next(net.parameters()).dtype
 
 
-def unet_embedding(net: nn.Module, tib: TIB, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+def _unet_embedding(net: nn.Module, tib: TIB, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """emb as the UNet forward computes it, from (t, label) only (split-off conditions left out)."""
     dtype = _dtype(net)
     emb = net.time_embedding(net.time_proj(t).to(dtype))
@@ -167,7 +167,7 @@ def unet_embedding(net: nn.Module, tib: TIB, t: torch.Tensor, labels: torch.Tens
 
 
 def _unet_features(net: nn.Module, tib: TIB, t: torch.Tensor, labels: torch.Tensor | None) -> dict:
-    emb = unet_embedding(net, tib, t, labels)
+    emb = _unet_embedding(net, tib, t, labels)
     if tib.split:
         return {SPLIT_FEATURE: emb}
     out = {}
