@@ -71,7 +71,8 @@ class References:
             ref = "dataset" if self.model.dataset in DATASETS else "fp"
         if ref == "dataset" and self.model.dataset not in DATASETS:
             raise ValueError(f"<eval.reference=dataset> but model {self.model.name} has dataset="
-                             f"{self.model.dataset!r}; datasets available offline: {sorted(DATASETS)}; use eval.reference=fp")
+                             f"{self.model.dataset!r}; datasets available offline: {sorted(DATASETS)}; "
+                             "use eval.reference=fp")
         return ref
 
     def reference_statistics(self, extractor: FeatureExtractor, fp_samples: Samples) -> dict[str, torch.Tensor]:

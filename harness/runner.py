@@ -8,8 +8,10 @@ sweep goes on; a finished run is skipped (resume) unless `force=true`.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,37 +126,55 @@ def fp_reference_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {**raw, "method": {"name": "fp", "keep_fp": []}, "force": False}
 
 
+class Phases:
+    """Wall time of each pipeline step, announced as it starts; recorded in `report["timings"]` so
+    benchmarks can separate harness overhead from denoiser, method and metric work."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, message: str, *args: Any) -> Iterator[None]:
+        log.info(message, *args)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     """The pipeline of one run; fills `record` in place."""
     torch.manual_seed(rc.seed)
-    device = resolve_device(rc.device)
-    log.info("Loading model <%s>", rc.model["name"])
-    model = load_model(rc.model)
-    model.net.to(device).eval()
-    refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
-    spec = None if rc.method["name"] == "fp" else QuantSpec(
+    phase, e = Phases(), rc.eval
+    with phase("load", "Loading model <%s>", rc.model["name"]):
+        model = load_model(rc.model)
+        model.net.to(resolve_device(rc.device)).eval()
+        refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
+    spec = None if rc.is_fp else QuantSpec(
         rc.bits.weight_bits, None if rc.bits.act_bits == 32 else rc.bits.act_bits,
         weight_init=rc.method.get("weight_init", "minmax"), act_init=rc.method.get("act_init", "minmax"))
-    log.info("Calibration data (shared artifact)")
-    calib = refs.calibration() if spec is not None else None
-    log.info("Quantizing with <%s> (%s, recipe=%s)", rc.method["name"], rc.bits_tag, rc.recipe)
-    method = methods.METHODS.get(rc.method["name"])(rc.method, rc.recipe)
-    result = method.quantize(model, calib, spec)
-    log.info("Preparing backend <%s>", rc.backend["name"])
-    backend = BACKENDS.get(rc.backend["name"])(rc.backend)
-    exe = backend.prepare(result.model, spec)
-    e = rc.eval
-    fp_samples = refs.fp_samples()
-    if spec is None and rc.backend["name"] == "fake":
-        samples = fp_samples  # the FP model on the reference backend *is* the shared FP artifact
-    else:
-        samples = sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed, n_trajectory=e.n_trajectory,
-                         desc=f"sampling {rc.method['name']} {rc.bits_tag}")
-    log.info("Metrics")
-    record.metrics, record.curves = evaluate(rc, refs, result.model, exe, samples, fp_samples)
+    with phase("calibration_data", "Calibration data (shared artifact)"):
+        calib = refs.calibration() if spec is not None else None
+    with phase("quantize", "Quantizing with <%s> (%s, recipe=%s)", rc.method["name"], rc.bits_tag, rc.recipe):
+        result = methods.METHODS.get(rc.method["name"])(rc.method, rc.recipe).quantize(model, calib, spec)
+    with phase("backend", "Preparing backend <%s>", rc.backend["name"]):
+        backend = BACKENDS.get(rc.backend["name"])(rc.backend)
+        exe = backend.prepare(result.model, spec)
+    with phase("fp_reference", "FP reference samples (shared artifact)"):
+        fp_samples = refs.fp_samples()
+    with phase("sampling", "Sampling %d images", e.n_samples):
+        if spec is None and rc.backend["name"] == "fake":
+            samples = fp_samples  # the FP model on the reference backend *is* the shared FP artifact
+        else:
+            samples = sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed, n_trajectory=e.n_trajectory,
+                             desc=f"sampling {rc.method['name']} {rc.bits_tag}")
+    with phase("metrics", "Metrics"):
+        record.metrics, record.curves = evaluate(rc, refs, result.model, exe, samples, fp_samples)
     record.metrics["calib_seconds"] = result.report.calib_seconds
     cache = result.report.details.get("cache")
     if isinstance(cache, dict) and "cache_bytes" in cache:  # TFMQ's cached temporal features
         record.metrics["cache_bytes"] = cache["cache_bytes"]
-    record.report = {**result.report.__dict__, "backend": backend.describe()}
-    record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))
+    with phase("grid", "Saving the sample grid"):
+        record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))
+    record.report = {**result.report.__dict__, "backend": backend.describe(), "timings": phase.seconds}

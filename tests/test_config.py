@@ -34,7 +34,7 @@ def test_every_option_of_every_group_composes(group: str) -> None:
 
 def test_every_experiment_preset_composes() -> None:
     for path in sorted((Path(CONF) / "experiment").glob("*.yaml")):
-        validate(_compose(f"+experiment={path.stem}"))
+        validate(_compose(f"experiment={path.stem}"))
 
 
 def test_unknown_option_lists_valid_choices() -> None:
