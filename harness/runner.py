@@ -86,9 +86,11 @@ def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
         config=raw, environment=collect_environment(), status="running",
     )
     out_dir = Path(rc.paths["outputs"]) / rid
+    start = time.perf_counter()
     try:
         execute(rc, record, out_dir)
         record.status = "finished"
+        record.report["timings"]["run_total"] = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
         log.exception("%s failed", label)
         record.status, record.error, record.traceback = "failed", f"{type(err).__name__}: {err}", traceback.format_exc()

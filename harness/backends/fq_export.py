@@ -9,7 +9,10 @@ integer weights.
 Per-timestep (FSC / TFMQ) activation parameters cannot be constants of one graph. They enter as a
 graph input `qparams` = [s_0, z_0, s_1, z_1, ...] (one pair per per-timestep quantizer, in `slots`
 order), filled for the current timestep by `QParamTable.values(t)`; the OpenVINO backend then either
-bakes them in as constants, one compiled model per timestep, or feeds them at run time.
+bakes them in as constants, one compiled model per timestep, or feeds them at run time. TFMQ's
+feature caches read (timestep, label) from the call context, which a trace would freeze; in the twin
+they read their row positions from a graph input `cache_pos` (2, B) = (timestep row, label row),
+computed per call by `QParamTable.positions`.
 """
 
 from __future__ import annotations
@@ -24,26 +27,76 @@ from harness.backends.lowering import input_groups, integer_weight
 from harness.models.base import DiffusionModel, denoise
 from methods.engine.modules import QuantLayer
 from methods.engine.quantizer import ActQuantizer
+from methods.temporal.cache import TemporalFeatureCache
 
 INT8_MIN, INT8_MAX = -128, 127
 
 
 class QParamTable(nn.Module):
-    """The per-timestep quantizers of a network and the graph input that carries their parameters."""
+    """What a traced graph cannot hold as constants: the per-timestep quantizers (their parameters
+    enter as `qparams`) and the feature caches (their row positions enter as `cache_pos`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.slots: list[ActQuantizer] = []
+        self.caches: list[TemporalFeatureCache] = []
         self.current: torch.Tensor | None = None
+        self.current_positions: torch.Tensor | None = None
 
     def add(self, q: ActQuantizer) -> int:
         self.slots.append(q)
         return len(self.slots) - 1
 
+    def add_cache(self, cache: TemporalFeatureCache) -> None:
+        first = self.caches[0] if self.caches else cache
+        if not (torch.equal(first.timesteps, cache.timesteps) and torch.equal(first.labels, cache.labels)):
+            raise NotImplementedError("feature caches built for different (timestep, label) sets cannot share "
+                                      "one position input; build every cache from the same schedule")
+        self.caches.append(cache)
+
+    def positions(self, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(2, B) rows of the caches for each sample's timestep and label (ValueError if absent)."""
+        cache = self.caches[0]
+        rows = [_rows(cache.timesteps, t, "timestep")]
+        if cache.labels.numel():
+            if labels is None:
+                raise ValueError("the feature caches are keyed by class label, but the call passed none")
+            rows.append(_rows(cache.labels, labels.expand_as(t) if labels.numel() == 1 else labels, "label"))
+        else:
+            rows.append(torch.zeros_like(rows[0]))
+        return torch.stack(rows)
+
     def values(self, t: int) -> torch.Tensor:
         """[s_0, z_0, s_1, z_1, ...] at timestep t (KeyError naming the calibrated ones if absent)."""
         pairs = [torch.stack([s.float(), z.float()]) for s, z in (q.timestep_params(t) for q in self.slots)]
         return torch.cat(pairs).cpu() if pairs else torch.zeros(0)
+
+
+def _rows(keys: torch.Tensor, wanted: torch.Tensor, what: str) -> torch.Tensor:
+    wanted = wanted.flatten().long().cpu()
+    keys = keys.cpu()
+    match = wanted[:, None] == keys[None, :]
+    missing = sorted(set(wanted[~match.any(dim=1)].tolist()))
+    if missing:
+        raise ValueError(f"temporal feature cache has no entry for {what} {missing}: it was built for "
+                         f"{what}s {keys.tolist()}; sample with the calibration's sampler and labels")
+    return match.long().argmax(dim=1)
+
+
+class CacheLookup(nn.Module):
+    """A TemporalFeatureCache that reads its row positions from the `cache_pos` graph input."""
+
+    def __init__(self, cache: TemporalFeatureCache, table: QParamTable) -> None:
+        super().__init__()
+        self.cache = cache
+        self.table = [table]
+        table.add_cache(cache)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.table[0].current_positions
+        if pos is None:
+            raise RuntimeError("feature cache called without cache_pos (export wrapper not in use)")
+        return self.cache.lookup(pos[0], pos[1]).to(x.dtype)
 
 
 class FQAct(nn.Module):
@@ -107,8 +160,8 @@ class FQLayer(nn.Module):
 
 
 class ExportWrapper(nn.Module):
-    """forward(sample, timestep, cond, qparams) -> tensor: the traceable denoiser call (cond and
-    qparams are None, and absent from the graph, for unconditional / per-timestep-free models)."""
+    """forward(sample, timestep, cond, qparams, cache_pos) -> tensor: the traceable denoiser call
+    (cond, qparams, cache_pos are None, and absent from the graph, where the model has no such thing)."""
 
     def __init__(self, model: DiffusionModel, table: QParamTable) -> None:
         super().__init__()
@@ -117,12 +170,12 @@ class ExportWrapper(nn.Module):
         self.table = table
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None,
-                qparams: torch.Tensor | None = None) -> torch.Tensor:
-        self.table.current = qparams
+                qparams: torch.Tensor | None = None, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        self.table.current, self.table.current_positions = qparams, cache_pos
         try:
             return denoise(self.model, sample, timestep, cond)
         finally:
-            self.table.current = None
+            self.table.current = self.table.current_positions = None
 
 
 def export_twin(model: DiffusionModel) -> ExportWrapper:
@@ -135,6 +188,8 @@ def export_twin(model: DiffusionModel) -> ExportWrapper:
     for name, module in list(net.named_modules()):
         if isinstance(module, ActQuantizer):
             _replace(net, name, FQAct(module, table))
+        elif isinstance(module, TemporalFeatureCache):
+            _replace(net, name, CacheLookup(module, table))
     return ExportWrapper(model.with_net(net), table)
 
 

@@ -26,7 +26,6 @@ from harness.backends.lowering import (
     centring_offset,
     input_groups,
     integer_weight,
-    quantize_codes,
 )
 from harness.backends.packing import PackedWeight
 from harness.models.base import DiffusionModel
@@ -83,7 +82,7 @@ class IntegerLayer(nn.Module):
             return
         for i, g in enumerate(groups):
             self.kernels.append(kernel_cls(weight.in_channels(g.start, g.stop), self.geometry,
-                                           self.bias if i == 0 else None, g.quantizer.qmin,
+                                           self.bias if i == 0 else None, (g.quantizer.qmin, g.quantizer.qmax),
                                            centring_offset(g.quantizer)))
 
     @property
@@ -113,7 +112,7 @@ class IntegerLayer(nn.Module):
         for (start, stop), q, kernel in zip(self.ranges, self.quantizers, self.kernels, strict=True):
             part = x if single else x[:, start:stop]
             scale, zp = act_params(q)
-            y = kernel(quantize_codes(part, q, scale, zp), scale, zp)
+            y = kernel(part, scale, zp)
             out = y if out is None else out + y
         if self.geometry is not None:
             # The memory layout F.conv2d would give (it follows the input's): the float ops that follow

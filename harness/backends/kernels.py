@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from harness.backends.lowering import IntWeight
+from harness.backends.lowering import IntWeight, quantize_codes
 
 INT_MM_ALIGN = 8  # cuBLAS int8 GEMM: K and N multiples of 8
 INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM: M > 16
@@ -47,25 +47,27 @@ class ConvGeometry:
 
 
 class IntKernel(ABC):
-    """One input-channel group of a layer: integer codes in, fp32 out (bias included if given).
-
-    `act_qmin` is the lowest code of the activation grid; `act_offset` re-centres its codes to int8.
-    """
+    """One input-channel group of a layer: fp32 input in, quantized with the given (scale, zero
+    point) on the activation grid [act_qmin, act_qmax], integer product, fp32 out (bias included if
+    given). `act_offset` re-centres the activation codes to int8."""
 
     name: ClassVar[str]
 
     def __init__(self, weight: IntWeight, geometry: ConvGeometry | None, bias: torch.Tensor | None,
-                 act_qmin: int, act_offset: int) -> None:
+                 act_grid: tuple[int, int], act_offset: int) -> None:
         self.geometry = geometry
         self.bias = None if bias is None else bias.detach().float()
-        self.act_qmin, self.act_offset = act_qmin, act_offset
+        (self.act_qmin, self.act_qmax), self.act_offset = act_grid, act_offset
         self.out_channels = weight.codes.shape[0]
         self.w_scale = weight.scale.float()
         self.w_zero_point = weight.zero_point
 
     @abstractmethod
-    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        """`codes`: activation codes as float (the input's shape); (scale, zp): their parameters."""
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        """`x`: the layer input (this group's channels); (scale, zp): its quantization parameters."""
+
+    def _codes(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, shift: int) -> torch.Tensor:
+        return quantize_codes(x, scale, zp, self.act_qmin, self.act_qmax, shift)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
@@ -85,11 +87,13 @@ class IntMMKernel(IntKernel):
     name = "torch._int_mm"
 
     def __init__(self, weight: IntWeight, geometry: ConvGeometry | None, bias: torch.Tensor | None,
-                 act_qmin: int, act_offset: int) -> None:
-        super().__init__(weight, geometry, bias, act_qmin, act_offset)
+                 act_grid: tuple[int, int], act_offset: int) -> None:
+        super().__init__(weight, geometry, bias, act_grid, act_offset)
         mat = weight.codes.flatten(1)  # (O, K), K ordered (C, kh, kw) like unfold's columns
         self.k = mat.shape[1]
-        self.weight_t = _pad_to(_pad_to(mat.t().contiguous(), 0, INT_MM_ALIGN), 1, INT_MM_ALIGN).contiguous()
+        # (K, O) as a transposed view of a row-major (O, K) matrix: the column-major second operand
+        # cuBLASLt's int8 GEMM wants (torchao's convention); the CPU path accepts it as well.
+        self.weight_t = _pad_to(_pad_to(mat, 1, INT_MM_ALIGN), 0, INT_MM_ALIGN).contiguous().t()
         self.colsum = mat.to(torch.int32).sum(dim=1)
         self.zw = weight.zero_point.to(torch.int32)
 
@@ -105,9 +109,9 @@ class IntMMKernel(IntKernel):
         cols = F.unfold(a, g.kernel_size, dilation=g.dilation, stride=g.stride)
         return cols.transpose(1, 2).reshape(-1, self.k)
 
-    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
         za = int(zp) - self.act_offset
-        rows = self._rows(codes - self.act_offset, float(za)).to(torch.int8)
+        rows = self._rows(self._codes(x, scale, zp, self.act_offset), float(za)).to(torch.int8)
         m = rows.shape[0]
         a = _pad_to(rows, 1, INT_MM_ALIGN)
         if a.is_cuda and m < INT_MM_MIN_ROWS:
@@ -118,8 +122,8 @@ class IntMMKernel(IntKernel):
         y = acc.float() * (scale.float() * self.w_scale)[None, :]
         y = self._finish(y)
         if self.geometry is None:
-            return y.reshape(*codes.shape[:-1], self.out_channels)
-        b, _, h, w = codes.shape
+            return y.reshape(*x.shape[:-1], self.out_channels)
+        b, _, h, w = x.shape
         ho, wo = self.geometry.out_size(h, w)
         return y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
@@ -131,8 +135,8 @@ class OneDNNKernel(IntKernel):
     name = "onednn int8 (torch.ops.onednn.qconv2d_pointwise / qlinear_pointwise)"
 
     def __init__(self, weight: IntWeight, geometry: ConvGeometry | None, bias: torch.Tensor | None,
-                 act_qmin: int, act_offset: int) -> None:
-        super().__init__(weight, geometry, bias, act_qmin, act_offset)
+                 act_grid: tuple[int, int], act_offset: int) -> None:
+        super().__init__(weight, geometry, bias, act_grid, act_offset)
         codes = weight.codes.contiguous()
         self.no_zp = torch.zeros(self.out_channels, dtype=torch.long)
         if geometry is None:
@@ -142,27 +146,30 @@ class OneDNNKernel(IntKernel):
             self.packed = torch.ops.onednn.qconv_prepack(
                 codes, self.w_scale, 1.0, 0, list(g.stride), list(g.padding), list(g.dilation), 1, None)
             self.ones = torch.ones(1, 1, *g.kernel_size)
-        # Per output channel, what the primitive leaves out: zw * s_w (times s_a * window sum of a - za).
-        self.zw_scale = None if weight.symmetric else weight.zero_point.float() * self.w_scale
+        # Per output channel, what the primitive leaves out: -zw * s_w (times s_a * window sum of a - za).
+        self.neg_zw_scale = None if weight.symmetric else -weight.zero_point.float() * self.w_scale
 
-    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
         s, zu = float(scale), int(zp) - self.act_qmin
-        u = (codes - self.act_qmin).to(torch.uint8)
+        u = self._codes(x, scale, zp, self.act_qmin)  # uint8 grid, as float
         g = self.geometry
         if g is None:
-            k = codes.shape[-1]
+            k = x.shape[-1]
+            u = u.reshape(-1, k)
             y = torch.ops.onednn.qlinear_pointwise(
-                u.reshape(-1, k), s, zu, self.packed, self.w_scale, self.no_zp, self.bias,
+                u.to(torch.uint8), s, zu, self.packed, self.w_scale, self.no_zp, self.bias,
                 1.0, 0, torch.float32, "none", [], "")
-            if self.zw_scale is not None:
-                y = y - (s * (codes.reshape(-1, k) - zp).sum(dim=1, keepdim=True)) * self.zw_scale[None, :]
-            return y.reshape(*codes.shape[:-1], self.out_channels)
+            if self.neg_zw_scale is not None:
+                rowsum = u.sum(dim=1, keepdim=True) - k * zu  # sum_k (a - za), exact in fp32
+                y.addcmul_(rowsum, self.neg_zw_scale[None, :], value=s)
+            return y.reshape(*x.shape[:-1], self.out_channels)
         y = torch.ops.onednn.qconv2d_pointwise(
-            u.contiguous(memory_format=torch.channels_last), s, zu, self.packed, self.w_scale, self.no_zp,
+            u.to(torch.uint8, memory_format=torch.channels_last), s, zu, self.packed, self.w_scale, self.no_zp,
             self.bias, list(g.stride), list(g.padding), list(g.dilation), 1, 1.0, 0, torch.float32, "none", [], "")
-        if self.zw_scale is not None:
-            window = F.conv2d((codes - zp).sum(dim=1, keepdim=True), self.ones, None, g.stride, g.padding, g.dilation)
-            y = y - (s * window) * self.zw_scale[None, :, None, None]
+        if self.neg_zw_scale is not None:
+            centred = u.sum(dim=1, keepdim=True) - x.shape[1] * zu  # sum_c (a - za), exact in fp32
+            window = F.conv2d(centred, self.ones, None, g.stride, g.padding, g.dilation)
+            y.addcmul_(window, self.neg_zw_scale[None, :, None, None], value=s)
         return y
 
 

@@ -108,6 +108,8 @@ def act_params(q: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return q.scale.reshape(()), q.zero_point.reshape(())
 
 
-def quantize_codes(x: torch.Tensor, q: ActQuantizer, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    """Integer codes (as float) of `x`, computed with exactly the fake quantizer's arithmetic."""
-    return torch.clamp(torch.round(x / scale) + zp, q.qmin, q.qmax)
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                   shift: int = 0) -> torch.Tensor:
+    """Integer codes (as float) of `x` minus `shift`, with exactly the fake quantizer's arithmetic
+    (round(x / s) + z, clamped): shifting the integers is exact, and saves a pass over the tensor."""
+    return torch.clamp(torch.round(x / scale) + (zp - shift), qmin - shift, qmax - shift)

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from harness.backends.base import BACKENDS, Backend, ExternalNet
-from harness.backends.fq_export import ExportWrapper, export_twin
+from harness.backends.fq_export import ExportWrapper, QParamTable, export_twin
 from harness.models.base import DiffusionModel
 from methods.engine.context import current_timestep, timestep_scope
 from methods.engine.modules import QuantSpec
 
 PER_TIMESTEP = ("compile", "input")
 QPARAMS = "qparams"
+CACHE_POS = "cache_pos"
 COUNTED_OPS = ("Convolution", "FullyConnected", "MatMul")
 
 
@@ -56,6 +57,9 @@ def _example_inputs(wrapper: ExportWrapper, model: DiffusionModel) -> dict[str, 
         inputs["cond"] = torch.zeros(batch, *model.cond_shape)
     if t.slots:
         inputs[QPARAMS] = t.values(int(timestep))
+    if t.caches:
+        labels = inputs["cond"] if model.num_classes is not None else None
+        inputs[CACHE_POS] = t.positions(inputs["timestep"], labels)
     return inputs
 
 
@@ -74,20 +78,20 @@ def runtime_precisions(compiled: Any) -> dict[str, int]:
 class OpenVINONet(ExternalNet):
     """Runs the compiled model(s); picks the per-timestep one when parameters depend on t."""
 
-    def __init__(self, backend: OpenVINOBackend, ov_model: Any, names: list[str], table_values: Any,
-                 per_timestep: str | None) -> None:
+    def __init__(self, backend: OpenVINOBackend, ov_model: Any, names: list[str], table: QParamTable,
+                 per_timestep: str | None, labelled: bool) -> None:
         super().__init__()
         self.backend, self.ov_model = backend, ov_model
         self.names = [n for n in names if not (per_timestep == "compile" and n == QPARAMS)]
-        self.table_values, self.per_timestep = table_values, per_timestep
+        self.table, self.per_timestep, self.labelled = [table], per_timestep, labelled
         self.requests: dict[int | None, Any] = {}
         if per_timestep != "compile":
             self.requests[None] = backend.compile(ov_model).create_infer_request()
 
     def _request(self, t: int | None) -> Any:
         if t not in self.requests:
-            self.requests[t] = self.backend.compile(self.backend.bake(self.ov_model, self.table_values(t)))\
-                .create_infer_request()
+            baked = self.backend.bake(self.ov_model, self.table[0].values(t))
+            self.requests[t] = self.backend.compile(baked).create_infer_request()
         return self.requests[t]
 
     def run(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -101,7 +105,9 @@ class OpenVINONet(ExternalNet):
             if self.per_timestep == "compile":
                 key = step
             else:
-                feed[QPARAMS] = self.table_values(step).numpy()
+                feed[QPARAMS] = self.table[0].values(step).numpy()
+        if CACHE_POS in self.names:
+            feed[CACHE_POS] = self.table[0].positions(t, cond if self.labelled else None).numpy()
         request = self._request(key)
         request.infer({name: feed[name] for name in self.names})
         out = torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
@@ -169,11 +175,11 @@ class OpenVINOBackend(Backend):
             "bits": None if spec is None else spec.tag,
             "per_timestep": per_timestep,
             "per_timestep_quantizers": len(wrapper.table.slots),
+            "feature_caches": len(wrapper.table.caches),
             "convert_seconds": time.perf_counter() - start,
             "inference_precision": self.cfg["inference_precision"],
         }
-        table = wrapper.table
-        net = OpenVINONet(self, ov_model, list(example), table.values, per_timestep)
+        net = OpenVINONet(self, ov_model, list(example), wrapper.table, per_timestep, qmodel.num_classes is not None)
         if per_timestep == "compile":  # compile the example's timestep now, so describe() is complete
             net._request(int(example["timestep"][0]))
         return qmodel.with_net(net)
