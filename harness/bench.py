@@ -196,8 +196,6 @@ def prepare_cells(fp: DiffusionModel, calib: CalibData, cfg: BenchConfig) -> lis
                 variants.append(("rtn+cache", cached, [1]))
         for method, model, batches in variants:
             for backend, bcfg in backend_configs(cfg):
-                if method == "rtn+cache" and backend == "openvino":
-                    continue  # the cache modules are not exported (see the bench report)
                 be = BACKENDS.get(bcfg["name"])(bcfg)
                 print(f"[bench] preparing {tag} {method} on {backend}", file=sys.stderr)
                 exe = be.prepare(model, spec)

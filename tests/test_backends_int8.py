@@ -161,3 +161,18 @@ def test_cuda_int_mm_matches_fake(tiny, bits):
     with torch.no_grad():
         fake, real = denoise(qm, x.cuda(), t.cuda(), c), denoise(exe, x.cuda(), t.cuda(), c)
     assert _rel(real, fake) < 1e-4
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_rounding_ties_go_the_fake_quantizers_way(kernel):
+    """Inputs on the midpoints between codes: whichever arithmetic the fake quantizer rounds with,
+    the integer layer must pick the same codes (else a flip per tie, amplified downstream)."""
+    layer = _layer("linear", QuantSpec(8, 8))
+    q = layer.act_quantizer
+    s, z = float(q.scale), int(q.zero_point)
+    halves = (torch.arange(-z, 255 - z, dtype=torch.float32) + 0.5) * s
+    x = halves[torch.randperm(halves.numel(), generator=torch.Generator().manual_seed(0))[:240]].reshape(20, 12)
+    with torch.no_grad():
+        fake = layer(x)
+        real = IntegerLayer(layer, KERNELS[kernel])(x)
+    assert _rel(real, fake) < 1e-5

@@ -89,3 +89,28 @@ def test_config_errors():
         BACKENDS.get("openvino")({"per_timestep": "every"})
     with pytest.raises(KeyError, match="Did you mean 'openvino'"):
         BACKENDS.get("openvin0")
+
+
+@pytest.mark.slow
+def test_tfmq_feature_caches_are_exported(tiny):
+    """TFMQ's cache-based maintenance: the caches read their rows from a graph input, so every
+    timestep and batch size of the sampler is served (not frozen at the traced example's).
+
+    Looser bound (0.25, measured ~0.1): with caches in the graph OpenVINO's CPU plugin lowers none of
+    the convolutions to int8 (an open question) and evaluates every FakeQuantize in fp32 with its own
+    arithmetic, so rounding flips are more frequent; a wrong lookup would be ~1."""
+    from harness.bench import with_feature_cache
+    from harness.calibration import CalibData
+
+    spec = QuantSpec(8, 8)
+    qm = quantized_tiny(tiny, spec, exact=False)
+    calib = CalibData(torch.randn(6, *tiny.sample_shape), torch.tensor(SCHEDULE * 2), None, SCHEDULE, 1000, [])
+    cached = with_feature_cache(tiny, qm, calib, spec)
+    backend = BACKENDS.get("openvino")({"name": "openvino"})
+    exe = backend.prepare(cached, spec)
+    assert backend.describe()["feature_caches"] > 5
+    for t in (SCHEDULE[0], SCHEDULE[-1]):
+        assert _ratio(tiny, exe, cached, t) < 0.25
+    x, tt, c = inputs(tiny, 1, 123)
+    with pytest.raises(ValueError, match="no entry for timestep"):
+        denoise(exe, x, tt, c)

@@ -82,7 +82,7 @@ class IntegerLayer(nn.Module):
             return
         for i, g in enumerate(groups):
             self.kernels.append(kernel_cls(weight.in_channels(g.start, g.stop), self.geometry,
-                                           self.bias if i == 0 else None, (g.quantizer.qmin, g.quantizer.qmax),
+                                           self.bias if i == 0 else None, g.quantizer,
                                            centring_offset(g.quantizer)))
 
     @property

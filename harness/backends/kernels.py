@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.backends.lowering import IntWeight, quantize_codes
+from methods.engine.quantizer import ActQuantizer
 
 INT_MM_ALIGN = 8  # cuBLAS int8 GEMM: K and N multiples of 8
 INT_MM_MIN_ROWS = 17  # cuBLAS int8 GEMM: M > 16
@@ -47,17 +48,17 @@ class ConvGeometry:
 
 
 class IntKernel(ABC):
-    """One input-channel group of a layer: fp32 input in, quantized with the given (scale, zero
-    point) on the activation grid [act_qmin, act_qmax], integer product, fp32 out (bias included if
+    """One input-channel group of a layer: fp32 input in, quantized by the group's activation
+    quantizer with the given (scale, zero point), integer product, fp32 out (bias included if
     given). `act_offset` re-centres the activation codes to int8."""
 
     name: ClassVar[str]
 
     def __init__(self, weight: IntWeight, geometry: ConvGeometry | None, bias: torch.Tensor | None,
-                 act_grid: tuple[int, int], act_offset: int) -> None:
+                 act: ActQuantizer, act_offset: int) -> None:
         self.geometry = geometry
         self.bias = None if bias is None else bias.detach().float()
-        (self.act_qmin, self.act_qmax), self.act_offset = act_grid, act_offset
+        self.act, self.act_qmin, self.act_offset = act, act.qmin, act_offset
         self.out_channels = weight.codes.shape[0]
         self.w_scale = weight.scale.float()
         self.w_zero_point = weight.zero_point
@@ -67,7 +68,7 @@ class IntKernel(ABC):
         """`x`: the layer input (this group's channels); (scale, zp): its quantization parameters."""
 
     def _codes(self, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, shift: int) -> torch.Tensor:
-        return quantize_codes(x, scale, zp, self.act_qmin, self.act_qmax, shift)
+        return quantize_codes(self.act, x, scale, zp, shift)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
@@ -87,8 +88,8 @@ class IntMMKernel(IntKernel):
     name = "torch._int_mm"
 
     def __init__(self, weight: IntWeight, geometry: ConvGeometry | None, bias: torch.Tensor | None,
-                 act_grid: tuple[int, int], act_offset: int) -> None:
-        super().__init__(weight, geometry, bias, act_grid, act_offset)
+                 act: ActQuantizer, act_offset: int) -> None:
+        super().__init__(weight, geometry, bias, act, act_offset)
         mat = weight.codes.flatten(1)  # (O, K), K ordered (C, kh, kw) like unfold's columns
         self.k = mat.shape[1]
         # (K, O) as a transposed view of a row-major (O, K) matrix: the column-major second operand
@@ -135,8 +136,8 @@ class OneDNNKernel(IntKernel):
     name = "onednn int8 (torch.ops.onednn.qconv2d_pointwise / qlinear_pointwise)"
 
     def __init__(self, weight: IntWeight, geometry: ConvGeometry | None, bias: torch.Tensor | None,
-                 act_grid: tuple[int, int], act_offset: int) -> None:
-        super().__init__(weight, geometry, bias, act_grid, act_offset)
+                 act: ActQuantizer, act_offset: int) -> None:
+        super().__init__(weight, geometry, bias, act, act_offset)
         codes = weight.codes.contiguous()
         self.no_zp = torch.zeros(self.out_channels, dtype=torch.long)
         if geometry is None:

@@ -108,8 +108,12 @@ def act_params(q: ActQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return q.scale.reshape(()), q.zero_point.reshape(())
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+def quantize_codes(q: ActQuantizer, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor,
                    shift: int = 0) -> torch.Tensor:
-    """Integer codes (as float) of `x` minus `shift`, with exactly the fake quantizer's arithmetic
-    (round(x / s) + z, clamped): shifting the integers is exact, and saves a pass over the tensor."""
-    return torch.clamp(torch.round(x / scale) + (zp - shift), qmin - shift, qmax - shift)
+    """Integer codes (as float, minus `shift`) of `x`, exactly as the fake quantizer rounds.
+
+    The codes are read back from the fake quantizer's own output ((code - z) * s, which `/ s` and
+    `round` invert exactly), so they agree with whatever arithmetic the engine uses (x / s, or the
+    fused x * (1 / s) kernel): a value on a rounding boundary goes the same way in both models.
+    """
+    return torch.round(q.quantize_with(x, scale, zp) / scale) + (zp - shift)

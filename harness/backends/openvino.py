@@ -48,8 +48,11 @@ def _example_inputs(wrapper: ExportWrapper, model: DiffusionModel) -> dict[str, 
     """Batch 2 (not 1), so that nothing batch-size specific is baked into the traced graph."""
     batch = 2
     t = wrapper.table
-    middle = int(model.scheduler_config.get("num_train_timesteps", 1000)) // 2
-    timestep = int(t.slots[0].ts_keys[0]) if t.slots else middle
+    timestep = int(model.scheduler_config.get("num_train_timesteps", 1000)) // 2
+    if t.slots:  # a timestep the per-timestep parameters and the caches know
+        timestep = int(t.slots[0].ts_keys[0])
+    elif t.caches:
+        timestep = int(t.caches[0].timesteps[0])
     inputs = {"sample": torch.randn(batch, *model.sample_shape), "timestep": torch.full((batch,), int(timestep))}
     if model.num_classes is not None:
         inputs["cond"] = torch.zeros(batch, dtype=torch.long)

@@ -79,7 +79,8 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, step: int, decay: flo
         pe.lerp_(p, 1 - d)
 
 
-def train_step(net, sched, data, labels, gen, args, conditional: bool) -> torch.Tensor:
+def train_step(net: UNet2DModel, sched: DDPMScheduler, data: torch.Tensor, labels: torch.Tensor,
+               gen: torch.Generator, args: argparse.Namespace, conditional: bool) -> torch.Tensor:
     """One epsilon-prediction loss on a random batch (batch, noise, timesteps all from `gen`)."""
     idx = torch.randint(0, data.shape[0], (args.batch,), generator=gen)
     x0 = data[idx]
@@ -93,7 +94,8 @@ def train_step(net, sched, data, labels, gen, args, conditional: bool) -> torch.
     return F.mse_loss(pred, noise)
 
 
-def state_tensors(net, ema, opt, gen) -> dict[str, torch.Tensor]:
+def state_tensors(net: UNet2DModel, ema: UNet2DModel, opt: torch.optim.Optimizer,
+                  gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Everything needed to resume, flattened for safetensors (no pickles on disk)."""
     out = {f"net.{k}": v for k, v in net.state_dict().items()}
     out |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
@@ -103,7 +105,8 @@ def state_tensors(net, ema, opt, gen) -> dict[str, torch.Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def load_state(tensors: dict[str, torch.Tensor], net, ema, opt, gen) -> None:
+def load_state(tensors: dict[str, torch.Tensor], net: UNet2DModel, ema: UNet2DModel,
+               opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     opt_sd = opt.state_dict()
@@ -187,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     run(net, ema, sched, opt, gen, data, labels, args, conditional, meta, out, ckpt)
 
 
-def run(net, ema, sched, opt, gen, data, labels, args, conditional, meta, out, ckpt) -> None:
+def run(net: UNet2DModel, ema: UNet2DModel, sched: DDPMScheduler, opt: torch.optim.Optimizer,
+        gen: torch.Generator, data: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
+        conditional: bool, meta: dict, out: Path, ckpt: Path) -> None:
     """The loop: log the mean loss every `log_every` steps, checkpoint + export every `ckpt_every`."""
     start, window = time.perf_counter() - meta["wall_seconds"], []
     first, tick = meta["step"], time.perf_counter()

@@ -196,7 +196,8 @@ def _from_folder(root: Path, cfg: Mapping, cls: type[ModelMixin]) -> tuple[Model
     if declared not in (None, cls.__name__, *LEGACY_CLASS_NAMES.get(cfg["family"], ())):
         raise ValueError(f"{net_dir / 'config.json'} holds a {declared}, but model.family={cfg['family']} "
                          f"expects a {cls.__name__}; fix model.family or model.path")
-    net = cls.from_pretrained(net_dir)
+    # low_cpu_mem_usage=False: what diffusers falls back to without accelerate anyway, minus its warning.
+    net = cls.from_pretrained(net_dir, low_cpu_mem_usage=False)
     sched = json.loads(sched_file.read_text()) if sched_file else None
     return net, sched, str(sched_file) if sched_file else ""
 
@@ -204,7 +205,7 @@ def _from_folder(root: Path, cfg: Mapping, cls: type[ModelMixin]) -> tuple[Model
 def _from_hub(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
     hub_id, sub, local_only = cfg["hub_id"], cfg.get("subfolder"), cfg.get("local_files_only", False)
     try:
-        net = cls.from_pretrained(hub_id, subfolder=sub, local_files_only=local_only)
+        net = cls.from_pretrained(hub_id, subfolder=sub, local_files_only=local_only, low_cpu_mem_usage=False)
     except OSError as err:
         where = "the local Hugging Face hub cache" + ("" if local_only else " and huggingface.co")
         raise OSError(f"could not load model.hub_id={hub_id!r} (subfolder={sub!r}): looked in {where} and "
