@@ -80,8 +80,11 @@ def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
     if not rc.force and store.is_finished(rid):
         log.info("%s: finished record %s in %s; skipping (force=true reruns)", label, rid, store.root)
         return store.get(rid)
+    variant = rc.method.get("variant")
+    if variant == methods.METHODS.get(rc.method["name"]).full_variant:
+        variant = None
     record = RunRecord(
-        run_id=rid, model=rc.model["name"], method=rc.method["name"], variant=rc.method.get("variant"),
+        run_id=rid, model=rc.model["name"], method=rc.method["name"], variant=variant,
         bits=rc.bits_tag, backend=rc.backend["name"], sampler=rc.sampler.name, seed=rc.seed,
         config=raw, environment=collect_environment(), status="running",
     )

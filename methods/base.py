@@ -47,6 +47,9 @@ class Method(ABC):
     """
 
     name: str = "base"
+    # The ablation variant that *is* the method (all parts on): recorded without a variant label, so
+    # it is the method's row in the main table and the "full" row of its ablation table.
+    full_variant: str | None = None
 
     def __init__(self, cfg: dict[str, Any], recipe: str = "quick") -> None:
         recipes = cfg.get("recipes") or {}

@@ -174,6 +174,7 @@ class TFMQ(Method):
     """Q-Diffusion + TIAR + FSC (TIB-based maintenance) + cache + disturbance-aware selection."""
 
     name = "tfmq"
+    full_variant = "select"
 
     def __init__(self, cfg: dict[str, Any], recipe: str = "quick") -> None:
         super().__init__(cfg, recipe)
