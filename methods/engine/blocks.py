@@ -62,6 +62,16 @@ def _mid_before_up(units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Mod
     return rest[:at] + mid + rest[at:]
 
 
+def _run_hooked(handles: list[torch.utils.hooks.RemovableHandle], run: Callable[[], object]) -> None:
+    """One no-grad forward pass with temporary hooks installed; the hooks are removed even on error."""
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def find_blocks(net: nn.Module, order_by: Callable[[], object] | None = None) -> list[tuple[str, nn.Module]]:
     """Reconstruction units of `net` in execution order: (module name, module).
 
@@ -100,12 +110,7 @@ def _observed_order(units: list[tuple[str, nn.Module]], run: Callable[[], object
             seen.setdefault(name, len(seen))
 
         handles.append(module.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(handles, run)
     return sorted(units, key=lambda u: seen.get(u[0], len(units) + len(seen)))
 
 
@@ -128,12 +133,7 @@ def skip_splits(net: nn.Module, run: Callable[[], object]) -> dict[str, int]:
                 skips[name] = [int(r.shape[1]) for r in res]
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(handles, run)
     splits: dict[str, int] = {}
     for name, channels in skips.items():
         resnets = getattr(net.get_submodule(name), "resnets", [])
