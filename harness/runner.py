@@ -24,7 +24,7 @@ from harness.backends import BACKENDS
 from harness.config import RunConfig
 from harness.environment import collect_environment
 from harness.evaluate import evaluate, save_grid
-from harness.models.zoo import check_model_config, load_model
+from harness.models.zoo import check_model_config, load_model, weights_fingerprint
 from harness.references import References
 from harness.run_id import run_id
 from harness.sampling import sample
@@ -36,8 +36,10 @@ log = logging.getLogger("harness")
 
 
 def identity_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The config that defines a run's identity: an FP run does not depend on `bits`."""
+    """The config that defines a run's identity: an FP run does not depend on `bits`; every run
+    depends on the content of the weights (retrained or replaced weights never resume old records)."""
     ident = {k: v for k, v in raw.items() if k != "fp_reference"}
+    ident["model"] = {**raw["model"], "weights_sha256": weights_fingerprint(raw["model"])}
     if raw["method"].get("name") == "fp":
         ident["bits"] = {"weight_bits": 32, "act_bits": 32}
         ident["method"] = {"name": "fp"}

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+from harness.models.zoo import load_model
 from harness.runner import run
 from harness.store import ResultsStore
 
@@ -41,6 +43,20 @@ def test_rerun_resumes_and_force_reruns(tmp_path: Path) -> None:
     assert again.created == first.created, "finished run was resumed, not rerun"
     forced = run(_cfg(tmp_path, "method=fp", "force=true"))
     assert forced.run_id == first.run_id
+
+
+def test_new_weights_in_the_same_folder_are_a_new_run(tmp_path: Path) -> None:
+    """Retrained weights at the same model.path must not resume the old weights' record."""
+    folder = tmp_path / "weights"
+    tiny = OmegaConf.to_container(OmegaConf.load(Path(CONF) / "model" / "tiny_unet.yaml"))
+    load_model({**tiny, "seed": 1}).net.save_pretrained(folder, safe_serialization=True)
+    first = run(_cfg(tmp_path, "method=fp", "model.init=pretrained", f"+model.path={folder}"))
+    assert run(_cfg(tmp_path, "method=fp", "model.init=pretrained", f"+model.path={folder}")).run_id == first.run_id
+    load_model({**tiny, "seed": 2}).net.save_pretrained(folder, safe_serialization=True)
+    second = run(_cfg(tmp_path, "method=fp", "model.init=pretrained", f"+model.path={folder}"))
+    assert second.status == "finished", second.traceback
+    assert second.run_id != first.run_id
+    assert len(ResultsStore(tmp_path / "store").records()) == 2, "the old record stays, the new one joins it"
 
 
 def test_fp_identity_ignores_bits(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ plus its branch in harness/models/base.py:denoise.
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import inspect
 import json
 from collections.abc import Mapping, Sequence
@@ -218,6 +220,40 @@ def _from_hub(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
         except OSError:
             continue
     return net, None, ""
+
+
+@functools.lru_cache(maxsize=64)
+def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over (relative name, bytes) of files; keyed on (path, size, mtime) so a process hashes once."""
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        h.update(Path(name).name.encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def weights_fingerprint(cfg: Mapping) -> str:
+    """What identifies the weights a config loads, without loading them (run ids need it cheaply).
+
+    A local folder (model.path or a shipped one): a content hash of the denoiser's config and weight
+    files and the scheduler config, so retraining or replacing the weights gives new run ids instead
+    of resuming stale records. Random init: its seed. A hub id: the id (the files are not local).
+    """
+    cfg = _plain(cfg)
+    if cfg.get("init", "pretrained") == "random":
+        return f"random:{cfg.get('seed', 0)}"
+    if cfg.get("path") or cfg.get("weights"):
+        root = Path(cfg["path"]).expanduser() if cfg.get("path") else WEIGHTS_DIR / cfg["weights"]
+        if not root.is_dir():
+            return f"missing:{root}"  # loading fails later with the full explanation
+        net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
+        files = sorted(f for f in net_dir.iterdir()
+                       if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")))
+        files += [sched_file] if sched_file else []
+        return _files_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    return f"hub:{cfg.get('hub_id')}/{cfg.get('subfolder') or ''}"
 
 
 def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str, str]:
