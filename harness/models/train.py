@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     data = images * 2 - 1
     net = build_unet(conditional)
     ema = copy.deepcopy(net).requires_grad_(False)
-    sched = DDPMScheduler(**MNIST_SCHEDULER)
+    # Sampling with classifier-free guidance must not clip the predicted x0: DDIM then re-derives the
+    # noise from the clipped x0, and at guidance > 1 that drives samples away from the requested label
+    # (measured: label accuracy 93 % at guidance 1.0, 9 % at 2.5 with clipping, 98 % at 2.5 without).
+    sched = DDPMScheduler(**{**MNIST_SCHEDULER, "clip_sample": not conditional})
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     command = "python -m harness.models.train " + shlex.join(sys.argv[1:] if argv is None else argv)
