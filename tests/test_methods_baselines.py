@@ -24,8 +24,15 @@ TINY = {"iters": 2, "act_iters": 2, "calib_rows": 8, "n_steps": 2, "samples_per_
         "weight_init": "minmax", "act_init": "minmax"}
 
 
-def _cfg(name: str, **over) -> dict:
+def _yaml(name: str) -> dict:
+    """A method's yaml as a run resolves it: `seed: ${seed}` takes the run's seed (0 here)."""
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    assert cfg["seed"] == "${seed}", "a method's randomness follows the run's seed"
+    return {**cfg, "seed": 0}
+
+
+def _cfg(name: str, **over) -> dict:
+    cfg = _yaml(name)
     cfg.update({k: v for k, v in {**TINY, **over}.items() if k in ("weight_init", "act_init")})
     cfg["recipes"]["quick"].update({k: v for k, v in {**TINY, **over}.items() if k not in cfg})
     return cfg
@@ -118,7 +125,7 @@ def test_qdiff_rows_are_uniform_over_steps() -> None:
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_paper_recipe_carries_the_papers_values(name: str) -> None:
-    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    cfg = _yaml(name)
     assert cfg["name"] == name and set(cfg["recipes"]) == {"quick", "paper"}
     assert set(cfg["recipes"]["quick"]) == set(cfg["recipes"]["paper"])
     paper = METHODS.get(name)(cfg, "paper").cfg

@@ -30,6 +30,7 @@ TINY = {"n_steps": 2, "samples_per_step": 4, "fsc_samples_per_step": 4, "tiar_it
 
 def _method_cfg(**overrides: object) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "method" / "tfmq.yaml"))
+    cfg["seed"] = 0  # `${seed}` in the yaml: a run resolves it to the run's seed
     cfg["recipes"]["quick"].update(TINY)
     cfg.update(overrides)
     return cfg
