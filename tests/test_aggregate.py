@@ -117,7 +117,7 @@ def test_headers_arrows_and_unknown_metric(frame: pd.DataFrame) -> None:
     table = make_table(frame, "quality", ["is", "fid", "calib_seconds"])
     assert [m.display + m.arrow for m in table.metrics] == ["IS↑", "FID↓"], "requested order; absent dropped"
     assert metric_info("calib_seconds").display + metric_info("calib_seconds").arrow == "calib time (s)↓"
-    assert metric_info("weight_bytes").format(2.5e6) == "2.50" and metric_info("psnr").arrow == "↑"
+    assert metric_info("weight_bytes").format(2.5e6) == "2.50" and metric_info("psnr_vs_fp").arrow == "↑"
     assert metric_info("my_score").arrow == "" and metric_info("my_score").display == "my_score"
     with pytest.raises(ValueError, match="Did you mean 'sfid'"):
         make_table(frame, "quality", ["sfdi"])

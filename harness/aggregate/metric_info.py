@@ -39,7 +39,7 @@ for _info in (
     MetricInfo("sfid", "sFID", False),
     MetricInfo("is", "IS", True),
     MetricInfo("kid", "KID", False, ".4f"),
-    MetricInfo("psnr", "PSNR", True),
+    MetricInfo("psnr_vs_fp", "PSNR vs FP (dB)", True),
     MetricInfo("tfe", "TFE", False, "#.4g"),
     MetricInfo("traj", "TrajE", False, "#.4g"),
     MetricInfo("calib_seconds", "calib time (s)", False, ".1f"),
@@ -53,7 +53,7 @@ for _info in (
 DERIVED_FROM_CURVES = {"tfe": "temporal_feature_error", "traj": "trajectory_error"}
 
 DEFAULT_METRICS = {
-    "quality": ("fid", "sfid", "is", "kid", "psnr", "tfe", "calib_seconds"),
+    "quality": ("fid", "sfid", "is", "kid", "psnr_vs_fp", "tfe", "calib_seconds"),
     "ablation": ("fid", "sfid", "is", "tfe"),
     "latency": ("latency_ms", "latency_per_image_ms", "weight_bytes"),
 }
