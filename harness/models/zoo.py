@@ -222,6 +222,13 @@ def _from_hub(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
     return net, None, ""
 
 
+def _weights_root(cfg: Mapping) -> Path | None:
+    """The local folder a pretrained config loads (model.path, else the shipped model.weights), or None."""
+    if cfg.get("path"):
+        return Path(cfg["path"]).expanduser()
+    return WEIGHTS_DIR / cfg["weights"] if cfg.get("weights") else None
+
+
 @functools.lru_cache(maxsize=64)
 def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     """sha256 over (relative name, bytes) of files; keyed on (path, size, mtime) so a process hashes once."""
@@ -244,8 +251,8 @@ def weights_fingerprint(cfg: Mapping) -> str:
     cfg = _plain(cfg)
     if cfg.get("init", "pretrained") == "random":
         return f"random:{cfg.get('seed', 0)}"
-    if cfg.get("path") or cfg.get("weights"):
-        root = Path(cfg["path"]).expanduser() if cfg.get("path") else WEIGHTS_DIR / cfg["weights"]
+    root = _weights_root(cfg)
+    if root is not None:
         if not root.is_dir():
             return f"missing:{root}"  # loading fails later with the full explanation
         net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
@@ -260,11 +267,10 @@ def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
     """(net, scheduler config stored with the weights or None, where that came from, source label)."""
     if cfg.get("init", "pretrained") == "random":
         return _random_net(cfg, cls), None, "", f"random(seed={cfg.get('seed', 0)})"
+    root = _weights_root(cfg)
     if cfg.get("path"):
-        root = Path(cfg["path"]).expanduser()
         return *_from_folder(root, cfg, cls), f"path:{root}"
-    if cfg.get("weights"):
-        root = WEIGHTS_DIR / cfg["weights"]
+    if root is not None:
         if not root.is_dir():
             raise FileNotFoundError(f"the shipped weights folder {root} is missing (model.weights="
                                     f"{cfg['weights']!r}); train it with `python -m harness.models.train "
