@@ -8,6 +8,9 @@ AdamW with linear warm-up then cosine decay; an EMA of the weights is what ships
 `--ckpt-every` steps the run writes a resumable state (safetensors, outside the package) and also
 refreshes the shipped diffusers folder, so a killed run still leaves usable weights; rerunning the
 same command resumes from the state. Seeded: one seed fixes init, batch order, noise and timesteps.
+A resume with a larger --steps continues on the longer cosine schedule (a warm restart of the
+learning rate); training.json lists every command with the step it took over at, so replaying them
+in order reproduces the shipped weights (--threads and --ckpt-every do not change the result).
 """
 
 from __future__ import annotations
