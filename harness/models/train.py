@@ -10,7 +10,8 @@ refreshes the shipped diffusers folder, so a killed run still leaves usable weig
 same command resumes from the state. Seeded: one seed fixes init, batch order, noise and timesteps.
 A resume with a larger --steps continues on the longer cosine schedule (a warm restart of the
 learning rate); training.json lists every command with the step it took over at, so replaying them
-in order reproduces the shipped weights (--threads and --ckpt-every do not change the result).
+in order reproduces the shipped weights (--ckpt-every changes nothing; --threads can change float
+summation order, so a replay with other thread counts matches closely, not bit for bit).
 """
 
 from __future__ import annotations
