@@ -150,6 +150,14 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def quant_spec(rc: RunConfig) -> QuantSpec | None:
+    """The bit-widths and range inits a run quantizes with; None for the FP method (A32 = no act quant)."""
+    if rc.is_fp:
+        return None
+    return QuantSpec(rc.bits.weight_bits, None if rc.bits.act_bits == 32 else rc.bits.act_bits,
+                     weight_init=rc.method.get("weight_init", "minmax"), act_init=rc.method.get("act_init", "minmax"))
+
+
 def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     """The pipeline of one run; fills `record` in place."""
     torch.manual_seed(rc.seed)
@@ -158,9 +166,7 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
         model = load_model(rc.model)
         model.net.to(resolve_device(rc.device)).eval()
         refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
-    spec = None if rc.is_fp else QuantSpec(
-        rc.bits.weight_bits, None if rc.bits.act_bits == 32 else rc.bits.act_bits,
-        weight_init=rc.method.get("weight_init", "minmax"), act_init=rc.method.get("act_init", "minmax"))
+    spec = quant_spec(rc)
     with phase("calibration_data", "Calibration data (shared artifact)"):
         calib = refs.calibration() if spec is not None else None
     with phase("quantize", "Quantizing with <%s> (%s, recipe=%s)", rc.method["name"], rc.bits_tag, rc.recipe):

@@ -20,12 +20,12 @@ from hydra import compose, initialize_config_dir
 
 import methods
 from harness.artifacts import ArtifactCache
+from harness.config import RunConfig
 from harness.models.base import denoise
 from harness.models.zoo import load_model
 from harness.references import References
-from harness.runner import validate
+from harness.runner import quant_spec, validate
 from harness.sampling import sample
-from methods.engine.modules import QuantSpec
 
 CONF = str(Path(__file__).resolve().parents[3] / "conf")
 RUNS = {
@@ -36,7 +36,7 @@ RUNS = {
 }
 
 
-def config(overrides: list[str]):  # noqa: ANN201 - RunConfig and raw dict from harness.runner.validate
+def config(overrides: list[str]) -> RunConfig:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["model=ddpm_mnist", "logger=none", *overrides])
     return validate(cfg)[0]
@@ -101,12 +101,10 @@ def main() -> None:
         qmodel = load_model(rq.model)
         qmodel.net.eval()
         qrefs = References(rq, qmodel, ArtifactCache(rq.paths["artifacts"]))
-        spec = QuantSpec(rq.bits.weight_bits, None if rq.bits.act_bits == 32 else rq.bits.act_bits,
-                         weight_init=rq.method.get("weight_init", "minmax"),
-                         act_init=rq.method.get("act_init", "minmax"))
         torch.manual_seed(rq.seed)
         method = methods.METHODS.get(rq.method["name"])(rq.method, rq.recipe)
-        qm = method.quantize(qmodel, qrefs.calibration(), spec).model  # outside no_grad: reconstruction trains
+        # outside no_grad: reconstruction trains
+        qm = method.quantize(qmodel, qrefs.calibration(), quant_spec(rq)).model
         print(f"| {label} | {measure(qm, rq, args.n, states, fp_mean, fp_ink, label)} |", flush=True)
 
 
