@@ -100,10 +100,15 @@ def _guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: t
 
 @torch.no_grad()
 def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: int, seed: int,
-           n_trajectory: int = 0, on_step: StepCallback | None = None, desc: str = "sampling") -> Samples:
-    """Generate `n` samples; the result does not depend on which method produced `model`."""
+           n_trajectory: int = 0, on_step: StepCallback | None = None, desc: str = "sampling",
+           offset: int = 0) -> Samples:
+    """Generate `n` samples; the result does not depend on which method produced `model`.
+
+    `offset` (a torchrun shard, harness/distributed.py): generate samples [offset, offset + n) of the
+    eval set; with `offset` a multiple of `batch_size` they equal those rows of a single-process run."""
     device = next(iter(model.net.parameters()), torch.empty(0)).device
-    conds_all = eval_conditions(model, n, seed)
+    conds_all = eval_conditions(model, offset + n, seed)  # offset: scale-out edit, see docstring
+    conds_all = None if conds_all is None else conds_all[offset:]
     images, traj_rows = [], []
     timesteps: list[int] = []
     steps = sampler.steps
@@ -112,10 +117,10 @@ def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: in
         count = min(batch_size, n - start)
         sched = make_scheduler(model, sampler)
         timesteps = [int(t) for t in sched.timesteps]
-        x = initial_noise(model, seed, start, count).to(device) * sched.init_noise_sigma
+        x = initial_noise(model, seed, offset + start, count).to(device) * sched.init_noise_sigma
         cond = None if conds_all is None else conds_all[start : start + count].to(device)
-        gen = torch.Generator(device=device).manual_seed(seed * 7919 + start)
-        keep = max(0, min(count, n_trajectory - start))
+        gen = torch.Generator(device=device).manual_seed(seed * 7919 + offset + start)
+        keep = max(0, min(count, n_trajectory - offset - start))
         batch_traj = []
         for t in sched.timesteps:
             tt = torch.full((count,), int(t), dtype=torch.long, device=device)
