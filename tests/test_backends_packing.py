@@ -10,7 +10,7 @@ import torch
 from harness.backends import BACKENDS
 from harness.backends.int8 import integer_layers
 from harness.backends.packing import PackedWeight, pack_int4, unpack_int4
-from harness.bench import BenchConfig, load_bench_model
+from harness.bench import compose, load_bench_model
 from methods.engine.modules import QuantSpec, freeze_weights, quantize_layers
 
 
@@ -48,7 +48,7 @@ def test_w4_weights_are_at_least_7_5x_smaller_on_ddpm_mnist_size_net():
     """The ddpm_mnist architecture (random weights), conv_in/conv_out kept FP as the methods do:
     packed codes + fp32 scale + int8 zero point per channel vs the same layers' fp32 weights."""
     torch.set_num_threads(1)
-    fp, _ = load_bench_model(BenchConfig(model="ddpm_mnist", init="random"))
+    fp, _ = load_bench_model(compose(["model=ddpm_mnist", "bench.init=random"]))
     ratios = {}
     for bits in (4, 8):
         net = copy.deepcopy(fp.net)

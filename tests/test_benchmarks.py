@@ -25,3 +25,35 @@ def test_overhead_splits_a_run_into_work_and_harness(capsys: pytest.CaptureFixtu
     overhead.main([*TINY, "method=rtn", "bits=w8a8"])
     out = capsys.readouterr().out
     assert "sampling" in out and "overhead" in out
+
+
+def test_bench_runs_every_backend_and_bits_cell_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`python -m harness.bench` composes conf/bench.yaml like run.py (the method group's `${seed}`
+    resolves) and times every backend x bits cell; one latency record per cell."""
+    from harness.bench import compose, run_bench
+
+    bench = compose(["model=tiny_unet", "bench.bits=[fp,w8a8,w4a8]", "bench.batch_sizes=[1,2]",
+                     "bench.rounds=1", "bench.warmup=1", "bench.min_run_time=0.01", "bench.calib_rows=4",
+                     "bench.steps=3", f"bench.store={tmp_path / 'store'}"])
+    assert bench.method["seed"] == 0 and bench.method["name"] == "rtn"
+    rows = run_bench(bench)
+    backends = {"fake", "int8-onednn", "int8-int_mm", "openvino"}
+    cells = {(r["bits"], r["method"], r["backend"]) for r in rows}
+    for bits, method in (("fp", "fp"), ("w8a8", "rtn"), ("w4a8", "rtn")):
+        assert {(bits, method, b) for b in backends} <= cells
+    for r in rows:
+        assert r["metrics"]["latency_ms"] > 0 and r["metrics"]["latency_iqr_ms_b1"] >= 0
+    records = ResultsStore(tmp_path / "store").records()
+    assert len(records) == len(rows) and all(r.kind == "latency" for r in records)
+    assert "| bits | method | backend |" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_settings_naming_the_key() -> None:
+    from hydra.errors import ConfigCompositionException
+
+    from harness.bench import compose
+
+    with pytest.raises(ValueError, match=r"bench\.bits=w9"):
+        compose(["model=tiny_unet", "bench.bits=[w9]"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["model=tiny_unet", "bench.itres=3"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from harness.metrics.latency import cpu_info, fp32_weight_bytes, measure_latency, weight_bytes
+from harness.metrics.latency import benchmark_latency, cpu_info, fp32_weight_bytes, measure_latency, weight_bytes
 from harness.models.base import DiffusionModel
 from methods.engine.modules import QuantSpec, freeze_weights, quant_layers, quantize_layers
 
@@ -37,6 +37,18 @@ def test_measure_latency_reports_every_batch_size(num_classes: int | None) -> No
     assert out["timestep"] == 500 and out["iters"] == 3
     with pytest.raises(ValueError, match="batch_sizes"):
         measure_latency(tiny_model(), batch_sizes=[0])
+    assert all(r["calls"] == 3 and r["iqr_ms"] >= 0 for r in out["per_batch"])
+    assert out["torch_threads"] == torch.get_num_threads()
+
+
+def test_benchmark_latency_uses_blocked_autorange() -> None:
+    """The benchmark protocol times blocks of calls until min_run_time and reports median and IQR."""
+    out = benchmark_latency(tiny_model(), batch_sizes=[2], warmup=1, min_run_time=0.05)
+    row = out["per_batch"][0]
+    assert out["timer"] == "blocked_autorange" and out["min_run_time"] == 0.05
+    assert row["calls"] >= 2 and 0 < row["ms_min"] <= row["ms_per_call"] and row["iqr_ms"] >= 0
+    with pytest.raises(ValueError, match="min_run_time"):
+        benchmark_latency(tiny_model(), batch_sizes=[1], min_run_time=0)
 
 
 def test_cpu_info_reads_flags() -> None:

@@ -1,8 +1,9 @@
 """Cost metrics: denoiser latency, peak memory, and weight memory at the target bit-width.
 
 Latency is the median wall time of one denoiser call (the unit every sampler repeats) per batch
-size, after warm-up, with CUDA synchronised around each call. Peak memory is CUDA's max allocated
-on a GPU; on a CPU only the process's peak RSS is available (a high-water mark since the process
+size, after warm-up, timed by torch.utils.benchmark (CUDA synchronised, IQR reported): a fixed
+number of single calls per run (`eval.latency`), blocked_autorange in the latency benchmark. Peak
+memory is CUDA's max allocated on a GPU; on a CPU only the process's peak RSS is available (a high-water mark since the process
 started, so it includes everything loaded before). The CPU's vector / matrix extensions are
 reported because they decide whether integer kernels can be fast at all (AVX2 without VNNI makes
 int8 slower than fp32).
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import platform
 import resource
-import statistics
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.benchmark as benchmark
 from torch import nn
 
 from harness.models.base import DiffusionModel, denoise
@@ -71,18 +71,17 @@ def _peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
-@torch.no_grad()
-def measure_latency(model: DiffusionModel, batch_sizes: list[int], warmup: int = 2, iters: int = 5,
-                    timestep: int | None = None) -> dict[str, Any]:
-    """Median ms per denoiser call and per image for each batch size, peak memory, device facts.
+Measure = Callable[[benchmark.Timer], benchmark.Measurement]
 
-    `timestep` defaults to the middle of the training schedule; pass one the sampler visits for
-    models with per-timestep quantizers (FSC), which reject uncalibrated timesteps.
-    """
+
+@torch.no_grad()
+def _latency(model: DiffusionModel, batch_sizes: list[int], warmup: int, timestep: int | None,
+             measure: Measure, protocol: dict[str, Any]) -> dict[str, Any]:
+    """One torch.utils.benchmark measurement per batch size (it synchronises CUDA around calls)."""
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError(f"<eval.latency.batch_sizes={batch_sizes}> must be a non-empty list of positive integers")
-    if warmup < 0 or iters < 1:
-        raise ValueError(f"<eval.latency.warmup={warmup}> must be >= 0 and <eval.latency.iters={iters}> >= 1")
+    if warmup < 0:
+        raise ValueError(f"<eval.latency.warmup={warmup}> must be >= 0")
     device = _device_of(model.net)
     cuda = device.type == "cuda"
     t = timestep if timestep is not None else int(model.scheduler_config.get("num_train_timesteps", 1000)) // 2
@@ -92,29 +91,56 @@ def measure_latency(model: DiffusionModel, batch_sizes: list[int], warmup: int =
         x, tt, cond = _inputs(model, b, t, device, gen)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for i in range(warmup + iters):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+        for _ in range(warmup):
             denoise(model, x, tt, cond)
-            if cuda:
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-        ms = statistics.median(times)
+        # num_threads: Timer defaults to 1 thread; time what the run itself uses.
+        timer = benchmark.Timer(stmt="denoise(model, x, t, cond)", num_threads=torch.get_num_threads(),
+                                globals={"denoise": denoise, "model": model, "x": x, "t": tt, "cond": cond})
+        m = measure(timer)
         peak = torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()
-        rows.append({"batch_size": b, "ms_per_call": ms, "ms_per_image": ms / b, "ms_min": min(times),
+        ms = m.median * 1e3
+        rows.append({"batch_size": b, "ms_per_call": ms, "ms_per_image": ms / b, "iqr_ms": m.iqr * 1e3,
+                     "ms_min": min(m.times) * 1e3, "calls": len(m.times) * m.number_per_run,
                      "peak_memory_bytes": int(peak)})
     return {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({cpu_info()['model']})",
         "device_type": device.type,
         "cpu": cpu_info(),
         "torch_threads": torch.get_num_threads(),
-        "timestep": t, "warmup": warmup, "iters": iters,
+        "timestep": t, "warmup": warmup, **protocol,
         "memory_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
         "per_batch": rows,
     }
+
+
+def measure_latency(model: DiffusionModel, batch_sizes: list[int], warmup: int = 2, iters: int = 5,
+                    timestep: int | None = None) -> dict[str, Any]:
+    """Median ms per denoiser call (and IQR) over `iters` single timed calls per batch size.
+
+    The per-run protocol of `eval.latency`: a fixed number of calls keeps a run's cost predictable.
+    `timestep` defaults to the middle of the training schedule; pass one the sampler visits for
+    models with per-timestep quantizers (FSC), which reject uncalibrated timesteps.
+    """
+    if iters < 1:
+        raise ValueError(f"<eval.latency.iters={iters}> must be >= 1")
+
+    def measure(timer: benchmark.Timer) -> benchmark.Measurement:
+        return benchmark.Measurement.merge([timer.timeit(1) for _ in range(iters)])[0]
+
+    return _latency(model, batch_sizes, warmup, timestep, measure, {"iters": iters, "timer": "timeit(1) x iters"})
+
+
+def benchmark_latency(model: DiffusionModel, batch_sizes: list[int], warmup: int = 2, min_run_time: float = 0.5,
+                      timestep: int | None = None) -> dict[str, Any]:
+    """torch.utils.benchmark's blocked_autorange per batch size (the latency benchmark's protocol)."""
+    if min_run_time <= 0:
+        raise ValueError(f"<bench.min_run_time={min_run_time}> must be > 0")
+
+    def measure(timer: benchmark.Timer) -> benchmark.Measurement:
+        return timer.blocked_autorange(min_run_time=min_run_time)
+
+    return _latency(model, batch_sizes, warmup, timestep, measure,
+                    {"min_run_time": min_run_time, "timer": "blocked_autorange"})
 
 
 def _tensors(net: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
