@@ -12,7 +12,8 @@ images score against each other: no model can be expected to beat it.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -21,6 +22,15 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from harness.metrics.features import FeatureExtractor, Features, images_to_features
+from harness.metrics.uncertainty import (
+    DEFAULT_BOOTSTRAP,
+    FEATURES_FILE,
+    Bootstrap,
+    SampleSet,
+    bootstrap_statistics,
+    confidence_intervals,
+    fid_infinity,
+)
 
 Backend = Literal["torch-fidelity", "clean-fid"]
 KID_SUBSETS = 100
@@ -108,6 +118,48 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor, confidence: float
     probs = logits.detach().float().softmax(dim=1)
     return {"class_accuracy": float((probs.argmax(dim=1) == labels.to(probs.device)).float().mean()),
             "confident_fraction": float((probs.max(dim=1).values >= confidence).float().mean())}
+
+
+def per_image_psnr(fp_images: torch.Tensor, q_images: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR (dB) of each quantized image against its FP twin; its mean is `temporal.psnr`."""
+    mse = (fp_images.double() - q_images.double()).pow(2).flatten(1).mean(dim=1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def sample_set(feats: Features, reference: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
+               psnr: torch.Tensor | None = None, confidence: float = CONFIDENCE) -> SampleSet:
+    """The per-sample quantities the bootstrap needs: features, per-image PSNR, per-image correctness
+    (`labels` given) and confidence, with the fixed reference statistics."""
+    probs = feats.logits.double().softmax(dim=1)
+    return SampleSet(
+        pooled=feats.pooled.double().numpy(), spatial=feats.spatial.double().numpy(),
+        logits=feats.logits.double().numpy(),
+        psnr=None if psnr is None else psnr.double().numpy(),
+        correct=None if labels is None else (probs.argmax(1) == labels.cpu()).double().numpy(),
+        confident=(probs.max(1).values >= confidence).double().numpy(),
+        reference={k: v.double().numpy() for k, v in reference.items() if k != "num_images"},
+    )
+
+
+def uncertainty_metrics(sample: SampleSet, points: dict[str, float], settings: Bootstrap = DEFAULT_BOOTSTRAP,
+                        save_to: Path | None = None, meta: dict[str, Any] | None = None) -> dict[str, float]:
+    """Bootstrap CIs (<metric>_ci_lo / _ci_hi) of every metric in `points` the samples support, FID
+    extrapolated to infinitely many samples (fid_inf), and the settings (ci_level, ci_resamples).
+
+    With `save_to` (a run's output folder) the per-sample quantities and the bootstrap statistics are
+    written to <save_to>/eval_features.safetensors, for paired tests between runs later."""
+    n = len(sample)
+    boot = bootstrap_statistics(sample, settings, [k for k in points if k in sample.available()])
+    out = confidence_intervals(points, boot, n, settings)
+    if "fid" in sample.available():
+        out["fid_inf"] = fid_infinity(sample.pooled, sample.reference["pooled_mu"], sample.reference["pooled_sigma"],
+                                      seed=settings.seed)[0]
+    out["ci_level"], out["ci_resamples"] = settings.level, float(settings.resamples)
+    if save_to is not None:
+        info = {**(meta or {}), "n": n, "resamples": settings.resamples, "level": settings.level,
+                "bootstrap_seed": settings.seed, "max_rows": settings.max_rows}
+        sample.save(save_to / FEATURES_FILE, info, boot)
+    return out
 
 
 def reference_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 250,
