@@ -37,12 +37,21 @@ class References:
         self.sampler_key = asdict(rc.sampler)
         self.eval_key = {"n": rc.eval.n_samples, "seed": rc.eval.seed, "n_trajectory": rc.eval.n_trajectory}
 
-    def calibration(self) -> CalibData:
+    def calibration_trajectories(self, rows_per_step: int) -> int:
+        """FP trajectories to capture: `calibration.n_samples`, or more when the method's recipe needs
+        `rows_per_step` rows at one step (each trajectory gives one row per step, two with CFG)."""
+        m = self.model
+        per_trajectory = 2 if m.is_conditional and m.guidance_scale != 1.0 else 1  # both CFG branches
+        return max(self.rc.calibration.n_samples, -(-rows_per_step // per_trajectory))
+
+    def calibration(self, rows_per_step: int = 0) -> CalibData:
+        """The shared calibration artifact, large enough for `rows_per_step` rows at every step."""
         c = self.rc.calibration
-        deps = {**self.model_key, "sampler": self.sampler_key, "calibration": asdict(c)}
+        n = self.calibration_trajectories(rows_per_step)
+        deps = {**self.model_key, "sampler": self.sampler_key, "calibration": {**asdict(c), "n_samples": n}}
         tensors = self.cache.get_or_build(
             "calibration", deps,
-            lambda: capture_calibration(self.model, self.rc.sampler, c.n_samples, c.batch_size, c.seed).tensors(),
+            lambda: capture_calibration(self.model, self.rc.sampler, n, c.batch_size, c.seed).tensors(),
         )
         return CalibData.from_tensors(tensors)
 

@@ -27,7 +27,7 @@ from harness.evaluate import evaluate, save_grid
 from harness.models.zoo import check_model_config, load_model, weights_fingerprint
 from harness.references import References
 from harness.run_id import run_id
-from harness.sampling import sample
+from harness.sampling import sample, schedule_timesteps
 from harness.store import ResultsStore, RunRecord
 from harness.tracking import make_sink
 from methods.engine.modules import QuantSpec
@@ -167,10 +167,17 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
         model.net.to(resolve_device(rc.device)).eval()
         refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
     spec = quant_spec(rc)
+    method = methods.METHODS.get(rc.method["name"])(rc.method, rc.recipe)
+    calib = None
     with phase("calibration_data", "Calibration data (shared artifact)"):
-        calib = refs.calibration() if spec is not None else None
+        if spec is not None:  # as many FP trajectories as the recipe draws rows at one step
+            need = method.calibration_rows_per_step(schedule_timesteps(model, rc.sampler),
+                                                    int(model.scheduler_config.get("num_train_timesteps", 1000)))
+            calib = refs.calibration(need)
+            record.report["calibration_data"] = {"trajectories": refs.calibration_trajectories(need),
+                                                 "rows": len(calib), "rows_per_step_requested": need}
     with phase("quantize", "Quantizing with <%s> (%s, recipe=%s)", rc.method["name"], rc.bits_tag, rc.recipe):
-        result = methods.METHODS.get(rc.method["name"])(rc.method, rc.recipe).quantize(model, calib, spec)
+        result = method.quantize(model, calib, spec)
     with phase("backend", "Preparing backend <%s>", rc.backend["name"]):
         backend = BACKENDS.get(rc.backend["name"])(rc.backend)
         exe = backend.prepare(result.model, spec)
@@ -190,4 +197,5 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
         record.metrics["cache_bytes"] = cache["cache_bytes"]
     with phase("grid", "Saving the sample grid"):
         record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))
-    record.report = {**result.report.__dict__, "backend": backend.describe(), "timings": phase.seconds}
+    record.report = {**record.report, **result.report.__dict__, "backend": backend.describe(),
+                     "timings": phase.seconds}

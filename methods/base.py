@@ -32,6 +32,15 @@ class MethodReport:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def check_rows(key: str, wanted: int, available: int, where: str) -> None:
+    """Fail loudly when a recipe asks for more calibration rows than were captured (no silent cap)."""
+    if wanted > available:
+        raise ValueError(
+            f"<method.{key}> asks for {wanted} calibration rows {where}, but the captured calibration data "
+            f"holds {available}; raise calibration.n_samples (FP trajectories; the runner captures what "
+            "Method.calibration_rows_per_step declares) or lower the request")
+
+
 @dataclass
 class QuantResult:
     model: DiffusionModel
@@ -77,6 +86,13 @@ class Method(ABC):
         settings = {k: v for k, v in self.cfg.items() if k not in ("keep_fp", "name")}
         report.recipe = {**settings, "recipe": self.recipe_name}
         return QuantResult(model.with_net(net), report)
+
+    def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
+        """The most calibration rows this recipe takes at any one sampler step (0: none).
+
+        The harness captures at least this many rows per step (calibration.n_samples is a floor),
+        so a recipe is never silently cut to the rows that happen to exist."""
+        return 0
 
     @abstractmethod
     def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:

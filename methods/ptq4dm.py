@@ -15,36 +15,49 @@ import torch
 
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel
-from methods.base import METHODS, Method, MethodReport
+from methods.base import METHODS, Method, MethodReport, check_rows
 from methods.engine.calibrate import calibrate_activations
 from methods.engine.modules import QuantSpec
 from methods.engine.reconstruction import ReconConfig, reconstruct_model
 from methods.rtn import finish, insert_quantizers, method_spec
 
 
+def draw_timesteps(visited: list[int], num_train_timesteps: int, n_rows: int, mean: float, std: float,
+                   gen: torch.Generator) -> torch.Tensor:
+    """`n_rows` timesteps from N(mean, std) over t / T, clipped to and snapped onto `visited`."""
+    if n_rows < 1 or std <= 0:
+        raise ValueError(f"<calib_rows={n_rows}> must be positive and <t_std={std}> > 0")
+    steps = torch.tensor(sorted(set(visited)), dtype=torch.float64)
+    u = (torch.randn(n_rows, generator=gen, dtype=torch.float64) * std + mean) * num_train_timesteps
+    u = u.clamp(float(steps.min()), float(steps.max()))
+    return steps[(u[:, None] - steps[None, :]).abs().argmin(dim=1)].long()
+
+
 def normal_timestep_rows(calib: CalibData, n_rows: int, mean: float, std: float, seed: int) -> CalibData:
     """`n_rows` rows whose timesteps follow N(mean, std) over t / T, snapped to visited timesteps.
 
-    Rows at a timestep are used without replacement while they last, then reused."""
-    if n_rows < 1 or std <= 0:
-        raise ValueError(f"<calib_rows={n_rows}> must be positive and <t_std={std}> > 0")
+    Each draw takes a distinct row (a distinct FP sample at that timestep, as the paper generates
+    one per draw); a timestep drawn more often than it has rows is an error, never a silent reuse."""
     gen = torch.Generator().manual_seed(seed)
-    visited = torch.tensor(sorted(set(calib.t.tolist())), dtype=torch.float64)
-    T = calib.num_train_timesteps
-    u = (torch.randn(n_rows, generator=gen, dtype=torch.float64) * std + mean) * T
-    u = u.clamp(float(visited.min()), float(visited.max()))
-    nearest = visited[(u[:, None] - visited[None, :]).abs().argmin(dim=1)].long()
+    nearest = draw_timesteps(calib.t.tolist(), calib.num_train_timesteps, n_rows, mean, std, gen)
     chosen: list[torch.Tensor] = []
     for ts, count in zip(*torch.unique(nearest, return_counts=True), strict=True):
         rows = torch.nonzero(calib.t == ts).flatten()
-        order = rows[torch.randperm(rows.numel(), generator=gen)]
-        chosen.append(order.repeat(-(-int(count) // order.numel()))[: int(count)])
+        check_rows("calib_rows", int(count), rows.numel(), f"at timestep {int(ts)} (drawn {int(count)} times)")
+        chosen.append(rows[torch.randperm(rows.numel(), generator=gen)][: int(count)])
     return calib.subset(torch.cat(chosen).sort().values)
 
 
 @METHODS.register("ptq4dm")
 class PTQ4DM(Method):
     name = "ptq4dm"
+
+    def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
+        """The largest number of draws that land on one timestep (the same seeded draw as quantize)."""
+        gen = torch.Generator().manual_seed(int(self.cfg.get("seed", 0)))
+        drawn = draw_timesteps(schedule, num_train_timesteps, int(self.cfg["calib_rows"]),
+                               float(self.cfg["t_mean"]), float(self.cfg["t_std"]), gen)
+        return int(torch.unique(drawn, return_counts=True)[1].max())
 
     def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
         cfg = self.cfg

@@ -17,7 +17,7 @@ import torch
 
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel, denoise
-from methods.base import METHODS, Method, MethodReport
+from methods.base import METHODS, Method, MethodReport, check_rows
 from methods.engine.blocks import enable_skip_split, skip_splits
 from methods.engine.calibrate import batch_inputs, calibrate_activations, net_device
 from methods.engine.modules import QuantSpec, quant_layers, set_act_mode
@@ -26,7 +26,8 @@ from methods.rtn import finish, insert_quantizers, method_spec
 
 
 def uniform_step_rows(calib: CalibData, n_steps: int, samples_per_step: int, seed: int) -> CalibData:
-    """Rows at `n_steps` evenly spaced steps of the schedule, up to `samples_per_step` at each."""
+    """Rows at `n_steps` evenly spaced steps of the schedule, `samples_per_step` at each (an error
+    when a step holds fewer: the paper's 20 x 256 rows must not silently shrink)."""
     if n_steps < 1 or samples_per_step < 1:
         raise ValueError(f"<n_steps={n_steps}>, <samples_per_step={samples_per_step}> must be positive integers")
     schedule = calib.schedule
@@ -35,6 +36,7 @@ def uniform_step_rows(calib: CalibData, n_steps: int, samples_per_step: int, see
     chosen: list[torch.Tensor] = []
     for i in picks.tolist():
         rows = torch.nonzero(calib.t == schedule[i]).flatten()
+        check_rows("samples_per_step", samples_per_step, rows.numel(), f"at timestep {schedule[i]}")
         chosen.append(rows[torch.randperm(rows.numel(), generator=gen)[:samples_per_step]])
     return calib.subset(torch.cat(chosen).sort().values)
 
@@ -42,6 +44,9 @@ def uniform_step_rows(calib: CalibData, n_steps: int, samples_per_step: int, see
 @METHODS.register("qdiff")
 class QDiffusion(Method):
     name = "qdiff"
+
+    def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
+        return int(self.cfg["samples_per_step"])
 
     def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
         cfg = self.cfg

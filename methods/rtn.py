@@ -15,7 +15,7 @@ import torch
 
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel
-from methods.base import METHODS, Method, MethodReport
+from methods.base import METHODS, Method, MethodReport, check_rows
 from methods.engine.attention import quantize_attention
 from methods.engine.calibrate import calibrate_activations
 from methods.engine.modules import QuantSpec, act_quantizers, freeze_weights, quant_layers, quantize_layers
@@ -44,8 +44,9 @@ def insert_quantizers(model: DiffusionModel, spec: QuantSpec, keep_fp: list[str]
 
 
 def random_rows(calib: CalibData, n: int, seed: int) -> CalibData:
-    """`n` calibration rows drawn uniformly without replacement (all of them when fewer)."""
-    if n >= len(calib):
+    """`n` calibration rows drawn uniformly without replacement (an error when fewer exist)."""
+    check_rows("calib_rows", n, len(calib), "in all")
+    if n == len(calib):
         return calib
     gen = torch.Generator().manual_seed(seed)
     return calib.subset(torch.randperm(len(calib), generator=gen)[:n].sort().values)
@@ -63,6 +64,9 @@ class RTN(Method):
     """Min-max weights per channel, min-max activations per tensor, nothing learned."""
 
     name = "rtn"
+
+    def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
+        return -(-int(self.cfg["calib_rows"]) // len(schedule))  # rows drawn over all steps
 
     def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
         spec = method_spec(spec, self.cfg)

@@ -180,6 +180,12 @@ class TFMQ(Method):
         super().__init__(cfg, recipe)
         self.toggles = TfmqToggles.parse(self.cfg)
 
+    def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
+        wanted = int(self.cfg["samples_per_step"])
+        if self.toggles.fsc and self.toggles.fsc_scope == "all":
+            wanted = max(wanted, int(self.cfg["fsc_samples_per_step"]))
+        return wanted
+
     def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
         cfg, toggles = self.cfg, self.toggles
         spec = method_spec(spec, cfg)

@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLER = SamplerConfig("ddim", 4, 0.0)
-TINY = {"n_steps": 2, "samples_per_step": 4, "fsc_samples_per_step": 4, "tiar_iters": 20, "tiar_batch_size": 16,
+TINY = {"n_steps": 2, "samples_per_step": 2, "fsc_samples_per_step": 2, "tiar_iters": 20, "tiar_batch_size": 16,
         "iters": 2, "act_iters": 1, "batch_size": 4, "capture_batch_size": 16}
 
 
