@@ -7,6 +7,7 @@ from torch import nn
 
 from methods.engine.adaround import AdaRound, freeze_layer
 from methods.engine.modules import QuantLayer, QuantSpec
+from methods.engine.reconstruction import rounding_state
 
 torch.set_num_threads(1)
 
@@ -66,3 +67,19 @@ def test_regularizer_vanishes_on_binary_rounding() -> None:
         rounding.alpha.copy_(torch.where(rounding.alpha >= 0, 10.0, -10.0))
     assert start > 0
     assert float(rounding.regularizer(2.0).detach()) == 0.0
+
+
+def test_rounding_state_counts_undecided_and_flipped_variables() -> None:
+    rounding = AdaRound(_layer())
+    total = rounding.alpha.numel()
+    start = rounding_state([rounding])
+    assert start["rounding_vars"] == total and start["flipped_fraction"] == 0.0, "init is round-to-nearest"
+    assert start["soft_fraction"] == 1.0, "every h starts at the fractional part, strictly inside (0, 1)"
+    with torch.no_grad():
+        rounding.alpha.copy_(torch.where(rounding.alpha >= 0, -10.0, 10.0))  # decided, all flipped
+        rounding.alpha[0].fill_(0.0)  # one output channel undecided (h = 0.5), rounding up
+    state = rounding_state([rounding])
+    per_channel = total // rounding.alpha.shape[0]
+    assert state["soft_fraction"] == per_channel / total
+    assert state["flipped_fraction"] == (total - int(rounding.nearest()[0].sum())) / total
+    assert rounding_state([]) == {"rounding_vars": 0}

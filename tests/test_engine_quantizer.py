@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from methods.engine import quantizer
 from methods.engine.context import timestep_scope
 from methods.engine.quantizer import ActQuantizer, UniformQuantizer
 
@@ -71,3 +72,30 @@ def test_per_timestep_parameters_follow_the_timestep() -> None:
     assert float(small) < float(large) / 10
     with timestep_scope(torch.full((3,), 7)), pytest.raises(KeyError, match="not calibrated"):
         q(x)
+
+
+def test_mse_observation_samples_every_batch_uniformly() -> None:
+    """The MSE range search sees a uniform sample of ALL observed values: with 64 batches (more than
+    the old 16-batch cut) each batch holds about 1/64 of the reservoir, the last ones included."""
+    torch.manual_seed(0)
+    q = ActQuantizer(8, range_init="mse")
+    q.mode = "observe"
+    batches, per_batch = 64, 1 << 14  # 4x the reservoir in total
+    for b in range(batches):
+        q(torch.full((per_batch,), float(b)))
+    values, _ = q._samples
+    assert values.numel() == quantizer._MAX_OBSERVED
+    counts = torch.bincount(values.long(), minlength=batches).float()
+    expected = quantizer._MAX_OBSERVED / batches
+    # hypergeometric sd ~ sqrt(expected) ~ 64; 6 sd leaves no room for a first-batches-only sample
+    assert (counts - expected).abs().max() < 6 * expected**0.5, counts
+    q.finalize()
+    assert q.mode == "quant" and float(q.scale) > 0
+
+
+def test_reservoir_keeps_small_observations_whole() -> None:
+    q = ActQuantizer(8, range_init="mse")
+    q.mode = "observe"
+    q(torch.arange(10.0))
+    q(torch.arange(10.0, 15.0))
+    assert sorted(q._samples[0].tolist()) == [float(v) for v in range(15)]

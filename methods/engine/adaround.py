@@ -31,8 +31,13 @@ class AdaRound(nn.Module):
         w = layer.layer.weight.detach()
         scale, _ = self._grid(w)
         rest = w / scale - torch.floor(w / scale)
+        self.register_buffer("_nearest", (rest >= 0.5).float())
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         layer.weight_rounding = self
+
+    def nearest(self) -> torch.Tensor:
+        """The rounding offset (0 / 1) of round-to-nearest on the same grid, for comparison."""
+        return self._nearest
 
     def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.quantizer

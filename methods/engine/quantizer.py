@@ -183,7 +183,7 @@ class ActQuantizer(UniformQuantizer):
         self.mode: ActMode = "off"
         self._lo: torch.Tensor | None = None
         self._hi: torch.Tensor | None = None
-        self._samples: list[torch.Tensor] = []
+        self._samples: list[torch.Tensor] = []  # the reservoir: [values, keys] once something was observed
         self._per_t: dict[int, tuple[float, float]] = {}
         self.register_buffer("ts_keys", torch.zeros(0, dtype=torch.long))
         self.register_buffer("ts_scale", torch.zeros(0))
@@ -200,11 +200,7 @@ class ActQuantizer(UniformQuantizer):
         self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
         self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
         if self.range_init != "minmax":
-            flat = x.flatten()
-            keep = max(1, _MAX_OBSERVED // 16)
-            if flat.numel() > keep:
-                flat = flat[torch.randint(flat.numel(), (keep,), device=flat.device)]
-            self._samples.append(flat.cpu())
+            self._reservoir_add(x.flatten())
         try:
             t = current_timestep()
         except (RuntimeError, ValueError):
@@ -212,6 +208,24 @@ class ActQuantizer(UniformQuantizer):
         old = self._per_t.get(t)
         lo_f, hi_f = float(lo), float(hi)
         self._per_t[t] = (lo_f, hi_f) if old is None else (min(old[0], lo_f), max(old[1], hi_f))
+
+    def _reservoir_add(self, flat: torch.Tensor) -> None:
+        """Keep a uniform sample of at most _MAX_OBSERVED of all elements observed so far, whatever
+        the number of batches: every element gets a uniform random key and the reservoir holds the
+        elements with the smallest keys (reservoir sampling by priorities, vectorised). Calibration
+        rows are often ordered by timestep, so keeping the first batches would drop the last steps."""
+        keys = torch.rand(flat.numel(), device=flat.device)
+        if flat.numel() > _MAX_OBSERVED:  # at most _MAX_OBSERVED of this batch can survive
+            keys, idx = torch.topk(keys, _MAX_OBSERVED, largest=False)
+            flat = flat[idx]
+        if self._samples:
+            old_values, old_keys = self._samples
+            flat = torch.cat([old_values, flat.to(old_values.device)])
+            keys = torch.cat([old_keys, keys.to(old_keys.device)])
+        if flat.numel() > _MAX_OBSERVED:
+            keys, idx = torch.topk(keys, _MAX_OBSERVED, largest=False)
+            flat = flat[idx]
+        self._samples = [flat, keys]
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -221,8 +235,7 @@ class ActQuantizer(UniformQuantizer):
         if self.range_init == "minmax" or not self._samples:
             self.set_params(*self.params_from_range(self._lo.reshape(1), self._hi.reshape(1)))
         else:
-            data = torch.cat(self._samples)[:_MAX_OBSERVED]
-            self.init_range(data.to(self.scale.device))
+            self.init_range(self._samples[0].to(self.scale.device))
         self._samples = []
         self.mode = "quant"
 

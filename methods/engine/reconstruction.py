@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -151,9 +151,23 @@ def optimize_layers(
         for p in act_params:
             p.requires_grad_(False)
             p.grad = None
+        rounding = rounding_state(roundings)
         for layer in layers:
             freeze_layer(layer)
-    return {"iters": iters, "seconds": time.perf_counter() - start, "final_loss": final}
+    return {"iters": iters, "seconds": time.perf_counter() - start, "final_loss": final, **rounding}
+
+
+@torch.no_grad()
+def rounding_state(roundings: Sequence[AdaRound]) -> dict[str, float]:
+    """Before hard rounding: how many rounding variables h are still strictly between 0 and 1 (the
+    regularizer had not decided them, so hard rounding changes the optimised weight), and how many
+    end up away from round-to-nearest. Keys: rounding_vars, soft_fraction, flipped_fraction."""
+    total = sum(r.alpha.numel() for r in roundings)
+    if total == 0:
+        return {"rounding_vars": 0}
+    soft = sum(int(((h := r.soft()) > 0).logical_and(h < 1).sum()) for r in roundings)
+    flipped = sum(int(((r.alpha >= 0).float() != r.nearest()).sum()) for r in roundings)
+    return {"rounding_vars": total, "soft_fraction": soft / total, "flipped_fraction": flipped / total}
 
 
 # -- capturing block inputs and outputs ------------------------------------------------------------
@@ -361,6 +375,7 @@ def reconstruct_model(
         for p, flag in saved_grad.items():
             p.requires_grad_(flag)
     stats["seconds"] = time.perf_counter() - start
+    stats["rounding"] = merge_rounding(stats["blocks"].values())
     return stats
 
 
@@ -416,4 +431,16 @@ def _reconstruct_unit(
         "seconds": time.perf_counter() - start,
         "layers": len(layers),
         "act_scales": len(act_params),
+        **{k: result[k] for k in ("rounding_vars", "soft_fraction", "flipped_fraction") if k in result},
     }
+
+
+def merge_rounding(parts: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """The rounding state of several optimisations (blocks, TIAR) as one: counts summed, fractions
+    weighted by each part's number of rounding variables."""
+    parts = [p for p in parts if p.get("rounding_vars")]
+    total = sum(p["rounding_vars"] for p in parts)
+    if not total:
+        return {"rounding_vars": 0}
+    return {"rounding_vars": total,
+            **{k: sum(p[k] * p["rounding_vars"] for p in parts) / total for k in ("soft_fraction", "flipped_fraction")}}
