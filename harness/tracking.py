@@ -3,7 +3,10 @@
 The record is written to the results store before any sink sees it, so a sink can never lose a
 result; W&B errors are logged as warnings and never fail the run. W&B runs offline unless the
 user has credentials (WANDB_API_KEY, or a netrc entry for the W&B host) or the config asks for
-`mode: online`, so a sweep never waits on the network; `wandb sync <dir>` uploads later.
+`mode: online`, so a sweep never waits on the network; `wandb sync <dir>` uploads later. When the
+server cannot be reached, `wandb.init` gives up after `init_timeout` seconds (W&B's own default is
+90 s) and the run is logged offline instead, with a warning; the rest of the process's runs go
+offline at once rather than each waiting again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "offline", "online", "disabled")
 DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 RECORD_FILE = "run_record.json"
+DEFAULT_INIT_TIMEOUT = 30.0
+_unreachable: set[str] = set()  # W&B hosts that timed out in this process: later runs go offline at once
 
 
 class Sink(Protocol):
@@ -109,10 +114,14 @@ class WandbSink:
     """Mirrors one finished record into one W&B run (config, metrics, curves, grid, the record)."""
 
     def __init__(self, project: str = "diffptq", entity: str | None = None, mode: str = "auto",
-                 dir: str | None = None, group: str | None = None) -> None:
+                 dir: str | None = None, group: str | None = None,
+                 init_timeout: float = DEFAULT_INIT_TIMEOUT) -> None:
+        if isinstance(init_timeout, bool) or not isinstance(init_timeout, int | float) or init_timeout <= 0:
+            raise ValueError(f"<logger.init_timeout={init_timeout}> must be a positive number of seconds")
         self.project = project
         self.entity = entity
         self.mode = resolve_mode(mode)
+        self.init_timeout = float(init_timeout)
         self.dir = dir
         self.group = group
         self.location: str | None = None
@@ -146,7 +155,37 @@ class WandbSink:
         # console capture and the stats sampler are the slow, noisy parts; records carry our own
         # environment block, and offline runs must not touch the network at all.
         return wandb.Settings(mode=self.mode, console="off", x_disable_stats=offline, disable_git=True,
-                              save_code=False, silent=True)
+                              save_code=False, silent=True, init_timeout=self.init_timeout)
+
+    def _init(self, record: RunRecord) -> Any:
+        import wandb
+
+        return wandb.init(
+            project=self.project, entity=self.entity, dir=self.dir, group=self.group,
+            name=run_name(record), job_type=record.kind, config=record.config,
+            tags=[str(t) for t in (record.model, record.method, record.bits, record.backend, record.variant) if t],
+            settings=self._settings(), reinit="create_new",
+        )
+
+    def _init_or_offline(self, record: RunRecord) -> Any:
+        """wandb.init bounded by `init_timeout`; an online run that cannot reach the server falls back
+        to offline (synced later with `wandb sync`), and so do this process's later runs."""
+        host = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST)
+        if self.mode == "online" and host in _unreachable:
+            log.warning("W&B server %s was unreachable earlier in this process; logging run %s offline",
+                        host, record.run_id)
+            self.mode = "offline"
+        try:
+            return self._init(record)
+        except Exception as err:  # noqa: BLE001 - wandb raises CommError, UsageError, ... when offline
+            if self.mode != "online":
+                raise
+            _unreachable.add(host)
+            log.warning("W&B online init failed within %.0f s (%s: %s); logging run %s offline instead: "
+                        "upload it later with `wandb sync <dir>`", self.init_timeout, type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "", record.run_id)
+            self.mode = "offline"
+            return self._init(record)
 
     def _log(self, record: RunRecord, images: torch.Tensor | None) -> None:
         import wandb
@@ -154,12 +193,7 @@ class WandbSink:
         if self.dir:
             Path(self.dir).mkdir(parents=True, exist_ok=True)
         self._failed = not record.finished
-        self._run = run = wandb.init(
-            project=self.project, entity=self.entity, dir=self.dir, group=self.group,
-            name=run_name(record), job_type=record.kind, config=record.config,
-            tags=[str(t) for t in (record.model, record.method, record.bits, record.backend, record.variant) if t],
-            settings=self._settings(), reinit="create_new",
-        )
+        self._run = run = self._init_or_offline(record)
         self.location = run.url if self.mode == "online" else run.sync_dir
         run.summary.update({"run_id": record.run_id, "status": record.status, "error": record.error})
         payload: dict[str, Any] = {f"metrics/{k}": v for k, v in record.metrics.items()}
@@ -184,7 +218,8 @@ def make_sink(logger_cfg: Mapping[str, Any] | None, group: str | None = None) ->
         raise ValueError(f"<logger.name={name}> is not a logger; accepted: {', '.join(LOGGERS)}")
     if name == "none" or resolve_mode(str(cfg.get("mode", "auto"))) == "disabled":
         return NullSink()
-    unknown = sorted(set(cfg) - {"project", "entity", "mode", "dir"})
+    accepted = ("project", "entity", "mode", "dir", "init_timeout")
+    unknown = sorted(set(cfg) - set(accepted))
     if unknown:
-        raise ValueError(f"logger.wandb has unknown keys {unknown}; accepted: project, entity, mode, dir")
+        raise ValueError(f"logger.wandb has unknown keys {unknown}; accepted: {', '.join(accepted)}")
     return WandbSink(**cfg, group=group)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -16,9 +18,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from harness.artifacts import ArtifactCache
 from harness.environment import collect_environment, git_state
 from harness.run_id import PRESENTATION_KEYS, run_id
-from harness.store import SCHEMA_VERSION, ResultsStore, RunRecord
+from harness.store import SCHEMA_VERSION, CorruptRecordError, ResultsStore, RunRecord, record_checksum
+from harness.store import main as store_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +46,7 @@ def test_record_round_trips_through_json() -> None:
 @pytest.mark.parametrize("version", [2, None, "1"])
 def test_unknown_schema_version_is_refused(version) -> None:
     data = _record().to_dict()
+    del data["checksum"]  # an unsealed record: the schema check, not the checksum, must refuse it
     data["schema_version"] = version
     with pytest.raises(ValueError, match=rf"schema_version={version!r}.*accepted: {SCHEMA_VERSION}"):
         RunRecord.from_dict(data)
@@ -62,7 +67,7 @@ def test_invalid_records_say_what_is_accepted(kw, msg) -> None:
 
 def test_unknown_fields_are_refused() -> None:
     with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
-        RunRecord.from_dict({**_record().to_dict(), "colour": "red"})
+        RunRecord.from_dict({**_record().to_dict(), "colour": "red", "checksum": None})
 
 
 def test_store_write_get_and_resume_flag(tmp_path: Path) -> None:
@@ -80,9 +85,11 @@ def test_corrupted_files_warn_and_are_skipped(tmp_path: Path) -> None:
     store = ResultsStore(tmp_path)
     store.write(_record("good"))
     (tmp_path / "half.json").write_text('{"schema_version": 1, "run_id": "ha')
-    (tmp_path / "future.json").write_text(json.dumps({**_record("future").to_dict(), "schema_version": 99}))
+    (tmp_path / "future.json").write_text(json.dumps({**_record("future").to_dict(), "schema_version": 99,
+                                                      "checksum": None}))
     (tmp_path / "list.json").write_text("[1, 2]")
-    (tmp_path / "types.json").write_text(json.dumps({**_record("types").to_dict(), "metrics": [1]}))
+    (tmp_path / "types.json").write_text(json.dumps({**_record("types").to_dict(), "metrics": [1],
+                                                     "checksum": None}))
     (tmp_path / ".tmp123.json.tmp").write_text("{")  # a writer's temp file is not a record
     with pytest.warns(UserWarning) as caught:
         records = store.records()
@@ -191,3 +198,94 @@ def test_environment_is_json_and_names_versions_git_device() -> None:
 
 def test_git_state_outside_a_repo_is_null(tmp_path: Path) -> None:
     assert git_state(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_records_are_sealed_and_an_edit_is_reported_not_read(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    path = store.write(_record("sealed"))
+    data = json.loads(path.read_text())
+    assert data["checksum"] == record_checksum(data) and RunRecord.from_dict(data) == store.get("sealed")
+    path.write_text(path.read_text().replace('"fid": 12.5', '"fid": 1.5'))  # a hand edit of a number
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert store.records() == []
+    with pytest.raises(CorruptRecordError):
+        RunRecord.from_dict(json.loads(path.read_text()))
+
+
+def test_a_failed_rerun_never_replaces_a_finished_record(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.write(_record("r", created="2026-01-01T00:00:00+00:00"))
+    store.write(_record("r", status="running", metrics={}))  # the marker of a forced rerun: dropped
+    assert store.get("r").finished and store.get("r").attempts == []
+    with pytest.warns(UserWarning, match="finished record is kept"):
+        store.write(_record("r", status="failed", error="OSError: [Errno 28] No space left", metrics={},
+                            created="2026-01-02T00:00:00+00:00"))
+    kept = store.get("r")
+    assert kept.finished and kept.metrics == {"fid": 12.5, "is": 8.0}, "the finished metrics survive"
+    assert [(a["status"], a["error"]) for a in kept.attempts] == [("failed", "OSError: [Errno 28] No space left")]
+    store.write(_record("r", metrics={"fid": 11.0}, created="2026-01-03T00:00:00+00:00"))  # a good rerun
+    assert store.get("r").metrics == {"fid": 11.0} and len(store.get("r").attempts) == 1, "history carried"
+
+
+def test_a_finished_run_keeps_the_failures_it_replaces_but_not_its_own_marker(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.write(_record("r", status="failed", error="boom", metrics={}, created="2026-01-01T00:00:00+00:00"))
+    marker = _record("r", status="running", metrics={}, created="2026-01-02T00:00:00+00:00")
+    store.write(marker)
+    store.write(_record("r", created=marker.created))
+    assert [a["error"] for a in store.get("r").attempts] == ["boom"]
+
+
+def test_an_unreadable_record_is_set_aside_not_overwritten(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path)
+    store.path("r").write_text('{"schema_version": 1, "run_id": "r", "metr')
+    with pytest.warns(UserWarning, match="kept as r.json.corrupt-"):
+        store.write(_record("r"))
+    assert store.get("r").finished
+    (aside,) = tmp_path.glob("r.json.corrupt-*")
+    assert aside.read_text().startswith('{"schema_version": 1')
+
+
+def test_records_are_group_readable(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        path = ResultsStore(tmp_path).write(_record())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664, "mkstemp's 0600 must not reach the store"
+
+
+def test_stale_temp_files_are_removed_when_the_store_is_opened(tmp_path: Path, monkeypatch) -> None:
+    stale, young = tmp_path / ".a.123.tmp", tmp_path / ".b.456.tmp"
+    for p in (stale, young):
+        p.write_text("{")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    ResultsStore(tmp_path)
+    assert not stale.exists() and young.exists(), "young temp files may belong to a live writer"
+    monkeypatch.setenv("HARNESS_STALE_TMP_SECONDS", "0")
+    ResultsStore(tmp_path)
+    assert not young.exists()
+    monkeypatch.setenv("HARNESS_STALE_TMP_SECONDS", "soon")
+    with pytest.raises(ValueError, match="HARNESS_STALE_TMP_SECONDS=soon"):
+        ResultsStore(tmp_path)
+
+
+def test_verify_reports_corrupt_records_and_artifacts(tmp_path: Path, capsys) -> None:
+    store_dir, art_dir = tmp_path / "store", tmp_path / "art"
+    store = ResultsStore(store_dir)
+    store.write(_record("good"))
+    ArtifactCache(art_dir).store("calib", {"n": 1}, {"x": torch.arange(4.0)})
+    assert store_main(["verify", "--store", str(store_dir), "--artifacts", str(art_dir)]) == 0
+    assert "1 records (1 finished, 0 failed, 0 running), 1 artifacts: 0 problem(s)" in capsys.readouterr().out
+
+    (store_dir / "legacy.json").write_text(json.dumps({**_record("legacy").to_dict(), "checksum": None}))
+    store.write(_record("edited"))
+    store.path("edited").write_text(store.path("edited").read_text().replace('"is": 8.0', '"is": 9.0'))
+    (art_file,) = art_dir.rglob("*.safetensors")
+    art_file.write_bytes(art_file.read_bytes()[:-3])
+    assert store_main(["verify", "--store", str(store_dir), "--artifacts", str(art_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM" in out and "edited.json: unreadable or corrupted: checksum mismatch" in out
+    assert "sha256 does not match" in out and "note:" in out and "legacy.json: no checksum" in out
+    assert out.strip().endswith("2 problem(s), 1 note(s)")

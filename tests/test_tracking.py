@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from wandb.proto import wandb_internal_pb2
 
+from harness import tracking
 from harness.store import ResultsStore, RunRecord
 from harness.tracking import NullSink, WandbSink, make_sink, resolve_mode, run_name
 
@@ -150,12 +151,43 @@ def test_wandb_errors_are_warnings_and_the_stored_record_is_untouched(
     record = _record(offline_env)
     path = store.write(record)
     before = path.read_bytes()
-    sink = WandbSink(mode="online", dir=str(offline_env / "wb"))  # online without an API key: wandb raises
+    blocker = offline_env / "wb"
+    blocker.write_text("a file where W&B wants its folder")  # every W&B call fails, online or offline
+    sink = WandbSink(mode="offline", dir=str(blocker))
     with caplog.at_level(logging.WARNING, logger="harness.tracking"):
         sink.log_record(record)
         sink.finish()
     assert "W&B logging of run 0123456789abcdef failed" in caplog.text and "safe in the store" in caplog.text
     assert path.read_bytes() == before and store.is_finished(record.run_id)
+
+
+def test_online_init_failure_falls_back_to_offline_within_the_bound(
+        offline_env: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode with a key but a closed port (127.0.0.1:9): init gives up after init_timeout and the
+    run is logged offline (a `wandb sync`-able folder) instead of being lost; the next run of the
+    process goes offline without waiting again."""
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setattr(tracking, "_unreachable", set())  # fresh per-process memory for this test
+    record = _record(offline_env)
+    sink = make_sink({"name": "wandb", "mode": "online", "dir": str(offline_env / "wb"), "init_timeout": 3})
+    assert isinstance(sink, WandbSink) and sink.mode == "online" and sink.init_timeout == 3.0
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        sink.log_record(record)
+    elapsed = time.perf_counter() - start
+    assert "logging run 0123456789abcdef offline instead" in caplog.text and "wandb sync" in caplog.text
+    assert sink.mode == "offline" and Path(sink.location).name.startswith("offline-run-")
+    assert _by_type(_finished_log(Path(sink.location)), "run"), "the offline run holds the record's run"
+    assert elapsed < 3 + 25, f"init must give up within its bound (took {elapsed:.0f} s)"
+    again = make_sink({"name": "wandb", "mode": "online", "dir": str(offline_env / "wb"), "init_timeout": 3})
+    start = time.perf_counter()
+    again.log_record(record)
+    assert again.mode == "offline" and time.perf_counter() - start < 3, "no second wait on a dead host"
+
+
+def test_init_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"<logger.init_timeout=0> must be a positive number"):
+        make_sink({"name": "wandb", "mode": "offline", "init_timeout": 0})
 
 
 def test_mode_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
