@@ -4,6 +4,12 @@
 condition). With classifier-free guidance both branches are kept (the conditional row and the
 null-condition row), because the quantized network sees both at inference. Methods choose their own
 subsets (Q-Diffusion: uniform over steps; PTQ4DM: timesteps from a normal over normalized time).
+
+Conditions come from the same source as the evaluation's (`model.conditions`): class labels, or the
+prompts of `eval.prompts` encoded by the pipeline's text encoder. Calibration draws them with its own
+seed (offset from the eval seed), so it sees a different seeded subset of the labels / prompts than
+the evaluation, never the evaluation's exact (noise, condition) pairs. The rows are latents for a
+latent pipeline: the denoiser's inputs, whatever decodes them afterwards.
 """
 
 from __future__ import annotations

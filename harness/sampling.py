@@ -1,9 +1,11 @@
 """Seeded sampling with diffusers schedulers.
 
-The initial noise and labels depend only on (seed, sample index), so every method sees exactly the
-same noise and differences in the samples are the method's. Optionally records the trajectory of the
-first samples (for the per-step trajectory error) and hands every denoiser input to a callback
-(calibration capture).
+The initial noise and conditions depend only on (seed, sample index), so every method sees exactly
+the same noise, labels and prompts, and differences in the samples are the method's. Sampling runs
+in the denoiser's (latent) space; the pipeline's FP decoder turns each batch into images in [-1, 1],
+which is all metrics, grids and the FP reference ever see. Optionally records the latent trajectory
+of the first samples (for the per-step trajectory error) and hands every denoiser input to a callback
+(calibration capture). Non-finite latents fail the run at the sampler step where they first appear.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diffusers import (
 from tqdm.auto import tqdm
 
 from harness.config import SamplerConfig
+from harness.finite import check_finite
 from harness.models.base import DiffusionModel, denoise
 
 NOISE_CHUNK = 1000
@@ -65,22 +68,18 @@ def initial_noise(model: DiffusionModel, seed: int, start: int, count: int) -> t
     return torch.cat(out)
 
 
-def eval_conditions(model: DiffusionModel, n: int, seed: int) -> torch.Tensor | None:
-    """Balanced class labels (index mod K); text models get seeded random embeddings."""
-    if model.num_classes is not None:
-        return torch.arange(n) % model.num_classes
-    if model.cond_shape is not None:
-        g = torch.Generator().manual_seed(seed + 7)
-        return torch.randn((n, *model.cond_shape), generator=g)
-    return None
+def eval_conditions(model: DiffusionModel, n: int, seed: int, start: int = 0) -> torch.Tensor | None:
+    """Condition ids of samples [start, start+n) drawn by the model's source (labels or prompt indices)."""
+    return None if model.conditions is None else model.conditions.draw(seed, start, n)
 
 
 @dataclass
 class Samples:
-    images: torch.Tensor  # (N, C, H, W) in [-1, 1], float32, CPU
-    conds: torch.Tensor | None
+    images: torch.Tensor  # (N, C, H, W) decoded images in [-1, 1], float32, CPU
+    conds: torch.Tensor | None  # condition ids: class labels, or indices into model.conditions.prompts
     timesteps: list[int]
-    trajectory: torch.Tensor | None  # (steps, n_trajectory, C, H, W): x after each step
+    trajectory: torch.Tensor | None  # (steps, n_trajectory, C, h, w): latent x after each step
+    latents: torch.Tensor | None = None  # (N, C, h, w) final latents of a latent pipeline (before decoding)
 
 
 def _guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
@@ -102,27 +101,30 @@ def _guided_eps(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: t
 def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: int, seed: int,
            n_trajectory: int = 0, on_step: StepCallback | None = None, desc: str = "sampling",
            offset: int = 0) -> Samples:
-    """Generate `n` samples; the result does not depend on which method produced `model`.
+    """Generate samples [offset, offset + n) of the eval set `seed`; the result does not depend on
+    which method produced `model`. `offset` (a torchrun shard, harness/distributed.py): with `offset`
+    a multiple of `batch_size` the samples equal those rows of a single-process run.
 
-    `offset` (a torchrun shard, harness/distributed.py): generate samples [offset, offset + n) of the
-    eval set; with `offset` a multiple of `batch_size` they equal those rows of a single-process run."""
+    The trajectory keeps the samples whose index is below `n_trajectory`. Raises NonFiniteError at
+    the first sampler step whose latents hold NaN / inf, and for non-finite decoded images."""
     device = next(iter(model.net.parameters()), torch.empty(0)).device
-    conds_all = eval_conditions(model, offset + n, seed)  # offset: scale-out edit, see docstring
-    conds_all = None if conds_all is None else conds_all[offset:]
-    images, traj_rows = [], []
+    conds_all = eval_conditions(model, n, seed, offset)
+    images, latents, traj_rows = [], [], []
     timesteps: list[int] = []
     steps = sampler.steps
     bar = tqdm(total=-(-n // batch_size) * steps, desc=desc, unit="step", leave=False)
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
+    for off in range(0, n, batch_size):
+        first, count = offset + off, min(batch_size, n - off)
         sched = make_scheduler(model, sampler)
         timesteps = [int(t) for t in sched.timesteps]
-        x = initial_noise(model, seed, offset + start, count).to(device) * sched.init_noise_sigma
-        cond = None if conds_all is None else conds_all[start : start + count].to(device)
-        gen = torch.Generator(device=device).manual_seed(seed * 7919 + offset + start)
-        keep = max(0, min(count, n_trajectory - offset - start))
+        x = initial_noise(model, seed, first, count).to(device) * sched.init_noise_sigma
+        ids = None if conds_all is None else conds_all[off : off + count]
+        cond = None if ids is None else model.conditions.embed(ids, device)
+        gen = torch.Generator(device=device).manual_seed(seed * 7919 + first)
+        keep = max(0, min(count, n_trajectory - first))
         batch_traj = []
-        for t in sched.timesteps:
+        span = f"samples {first}..{first + count - 1}"
+        for i, t in enumerate(sched.timesteps):
             tt = torch.full((count,), int(t), dtype=torch.long, device=device)
             x_in = sched.scale_model_input(x, t)
             eps = _guided_eps(model, x_in, tt, cond, on_step)
@@ -130,12 +132,17 @@ def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: in
             if sampler.name == "ddim":
                 kwargs["eta"] = sampler.eta
             x = sched.step(eps, t, x, **kwargs).prev_sample
+            check_finite(x, f"sampler step {i + 1}/{len(timesteps)} (t={int(t)}) of {span}")
             if keep:
                 batch_traj.append(x[:keep].float().cpu())
             bar.update(1)
-        images.append(x.float().clamp(-1, 1).cpu())
+        decoded = model.decode(x).cpu()
+        check_finite(decoded, f"decoding {span} (the latents were finite)")
+        images.append(decoded)
+        if model.decoder is not None:
+            latents.append(x.float().cpu())
         if keep:
             traj_rows.append(torch.stack(batch_traj))
     bar.close()
     trajectory = torch.cat(traj_rows, dim=1) if traj_rows else None
-    return Samples(torch.cat(images), conds_all, timesteps, trajectory)
+    return Samples(torch.cat(images), conds_all, timesteps, trajectory, torch.cat(latents) if latents else None)

@@ -1,18 +1,24 @@
-"""The model contract every part of the harness talks to.
+"""The model contract every part of the harness talks to: a model is a pipeline.
 
 A `DiffusionModel` bundles a diffusers denoiser network with what the harness needs to sample from
-it: the scheduler config, the sample shape and the kind of condition it takes. Methods quantize
-`model.net` (a copy of it); sampling and metrics call `denoise(...)`, which hides the call-signature
-differences of UNet2DModel, UNet2DConditionModel and DiTTransformer2DModel.
+it: the scheduler config, the sample (latent) shape, an optional decoder (latents -> images) and an
+optional condition source (class labels or encoded prompts). Methods quantize `model.net` (a copy of
+it) and nothing else: the decoder and the text encoder always stay FP. Sampling and metrics call
+`denoise(...)`, which hides the call-signature differences of UNet2DModel, UNet2DConditionModel and
+DiTTransformer2DModel, and `model.decode(...)`, so nothing downstream special-cases a family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from harness.artifacts import tensors_fingerprint
+from harness.models.conditions import ClassLabels, ConditionSource, RandomEmbeddings
+from harness.models.decoder import Decoder
 
 Family = Literal["unet", "unet_text", "dit"]
 
@@ -21,12 +27,15 @@ Family = Literal["unet", "unet_text", "dit"]
 class DiffusionModel:
     """A denoiser plus the facts needed to sample from it.
 
-    Conditions:
+    Conditions (`conditions`, see harness/models/conditions.py):
     - unconditional: `num_classes is None and cond_shape is None`, cond passed as None.
     - class-conditional (`num_classes=K`): cond is a LongTensor of labels in 0..K-1; the label K is
       the classifier-free-guidance null label.
     - text-conditional (`family="unet_text"`): cond is a float tensor (B, *cond_shape) of encoder
-      hidden states; the null condition is all zeros.
+      hidden states; the null condition is the encoded empty prompt (zeros only for a random-init
+      denoiser without a text encoder).
+    `sample_shape` is what the denoiser sees (latents for latent pipelines); `image_shape` what
+    `decode` returns and every metric sees.
     """
 
     name: str
@@ -40,6 +49,50 @@ class DiffusionModel:
     dataset: str | None = None
     source: str = "built-in"
     extra: dict = field(default_factory=dict)
+    decoder: Decoder | None = None
+    conditions: ConditionSource | None = None
+
+    def __post_init__(self) -> None:
+        if self.conditions is None and self.num_classes is not None:
+            self.conditions = ClassLabels(self.num_classes)
+        elif self.conditions is None and self.cond_shape is not None:
+            self.conditions = RandomEmbeddings(tuple(self.cond_shape))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one decoded image (the sample shape when there is no decoder)."""
+        return self.sample_shape if self.decoder is None else self.decoder.image_shape(self.sample_shape)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Samples -> images in [-1, 1] (float32): the FP decoder for latent pipelines, a clamp otherwise."""
+        return latents.float().clamp(-1, 1) if self.decoder is None else self.decoder.decode(latents)
+
+    def to(self, device: torch.device | str) -> DiffusionModel:
+        """Move every part (denoiser, decoder, text encoder) to `device`; nets stay in eval mode."""
+        self.net.to(device).eval()
+        if self.decoder is not None:
+            self.decoder.net.to(device).eval()
+        if self.conditions is not None:
+            self.conditions.to(device)
+        return self
+
+    def parts_key(self) -> dict[str, Any]:
+        """What the pipeline's FP parts besides the denoiser contribute to an artifact's key ({} if none)."""
+        key: dict[str, Any] = {}
+        if self.decoder is not None:
+            key["decoder"] = {**self.decoder.describe(), "weights": tensors_fingerprint(self.decoder.net.state_dict())}
+        if self.conditions is not None:
+            key["conditions"] = self.conditions.key()
+        return key
+
+    def describe(self) -> dict[str, Any]:
+        """The pipeline as the run record shows it: what was quantized and what stayed FP."""
+        return {
+            "source": self.source, **self.extra, "quantized": "denoiser only",
+            "sample_shape": list(self.sample_shape), "image_shape": list(self.image_shape),
+            "decoder": None if self.decoder is None else {**self.decoder.describe(), "precision": "fp"},
+            "conditions": None if self.conditions is None else self.conditions.kind,
+        }
 
     @property
     def null_label(self) -> int | None:
@@ -55,11 +108,7 @@ class DiffusionModel:
 
     def null_cond(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The condition of the unconditional branch of classifier-free guidance."""
-        if self.num_classes is not None:
-            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        if self.cond_shape is not None:
-            return torch.zeros((batch, *self.cond_shape), device=device)
-        return None
+        return None if self.conditions is None else self.conditions.null(batch, device)
 
 
 def denoise(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

@@ -1,5 +1,13 @@
 """The model zoo: turn a resolved `model` config group (conf/model/<name>.yaml) into a DiffusionModel.
 
+A model is a pipeline: the denoiser, its scheduler, and the parts the config asks for, loaded from the
+same folder as diffusers lays it out: `model.decoder: vae|vqvae` (AutoencoderKL in `vae/`, VQModel in
+`vqvae/`, decoding to `model.image_shape`) and `model.text_encoder: clip` (CLIPTextModel in
+`text_encoder/`, CLIPTokenizer in `tokenizer/`). A part the config needs but the folder lacks fails
+the load, naming the subfolder. Loading is strict: a checkpoint with missing or unexpected tensors,
+or a diffusers config.json without `_class_name`, is refused (diffusers and transformers only warn
+and fill the gaps with random values).
+
 Where the weights come from, first match wins:
 1. `model.path`: a local diffusers folder (flat `config.json` + weights, or a pipeline folder with
    `unet/` or `transformer/` and `scheduler/`). Overrides everything else.
@@ -28,8 +36,11 @@ from typing import Any, NoReturn
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from harness.models.base import DiffusionModel
+from harness.models.conditions import PromptEmbeddings
+from harness.models.decoder import DECODER_CLASSES, Decoder
 from harness.registry import Registry
 
 MODELS: Registry[type[ModelMixin]] = Registry("model family")
@@ -38,15 +49,20 @@ MODELS.register("unet_text")(UNet2DConditionModel)
 MODELS.register("dit")(DiTTransformer2DModel)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUILTIN_WEIGHTS = ("ddpm_mnist", "ddpm_mnist_cond")
+BUILTIN_WEIGHTS = ("ddpm_mnist", "ddpm_mnist_cond", "ldm_mnist", "dit_mnist")
+# The script that trains each shipped folder (named in the error when the folder is missing).
+TRAIN_SCRIPT = {"ldm_mnist": "harness.models.train_latent", "dit_mnist": "harness.models.train_latent"}
 DATASETS = ("mnist",)
 INITS = ("pretrained", "random")
 # Sub-folder of a diffusers pipeline folder that holds the denoiser, per family.
 PIPELINE_SUBFOLDER = {"unet": "unet", "unet_text": "unet", "dit": "transformer"}
 # facebook/DiT-XL-2-256 predates DiTTransformer2DModel: its config.json names the generic class.
 LEGACY_CLASS_NAMES = {"dit": ("Transformer2DModel",)}
+DECODERS = tuple(DECODER_CLASSES)
+TEXT_ENCODERS = ("clip",)
 KEYS = ("name", "family", "sample_shape", "num_classes", "cond_shape", "guidance_scale", "dataset",
-        "init", "path", "weights", "hub_id", "subfolder", "local_files_only", "arch", "seed", "scheduler")
+        "init", "path", "weights", "hub_id", "subfolder", "local_files_only", "arch", "seed", "scheduler",
+        "decoder", "image_shape", "text_encoder")
 HOW_TO_PROVIDE = ("provide the weights as a local diffusers folder: model.path=/path/to/folder "
                   "(or run with network access to the Hugging Face hub)")
 
@@ -101,6 +117,27 @@ def _check_shapes(cfg: Mapping) -> None:
         _fail("guidance_scale", g, "a number >= 0 (1.0 = no classifier-free guidance)")
     if k is None and cond is None and g != 1.0:
         _fail("guidance_scale", g, "1.0 for an unconditional model")
+
+
+def _check_parts(cfg: Mapping) -> None:
+    decoder, image = cfg.get("decoder"), cfg.get("image_shape")
+    if decoder is not None and decoder not in DECODERS:
+        _fail("decoder", decoder, f"null (pixel-space model), {' or '.join(DECODERS)}")
+    if image is not None and not (isinstance(image, (list, tuple)) and len(image) == 3
+                                  and all(_is_int(v) and v > 0 for v in image)):
+        _fail("image_shape", image, "three positive integers [channels, height, width] (the decoded images) or null")
+    if decoder is not None and image is None:
+        _fail("image_shape", image, f"the decoded image shape [C, H, W] when model.decoder={decoder}")
+    if decoder is None and image is not None and list(image) != list(cfg["sample_shape"]):
+        _fail("image_shape", image, "null or model.sample_shape when model.decoder is null")
+    enc = cfg.get("text_encoder")
+    if enc is not None and enc not in TEXT_ENCODERS:
+        _fail("text_encoder", enc, f"null or {', '.join(TEXT_ENCODERS)}")
+    if enc is not None and cfg["family"] != "unet_text":
+        _fail("text_encoder", enc, f"null for family {cfg['family']} (only unet_text takes prompts)")
+    if (cfg["family"] == "unet_text" and enc is None and cfg.get("init", "pretrained") != "random"):
+        _fail("text_encoder", enc, "clip for a pretrained unet_text model (its prompts are encoded by the "
+              "folder's text_encoder/ + tokenizer/; zero-filled text states mean nothing)")
 
 
 def _check_arch(cfg: Mapping, cls: type[ModelMixin]) -> None:
@@ -161,6 +198,7 @@ def check_model_config(cfg: Mapping) -> None:
     if not isinstance(cfg["name"], str) or not cfg["name"]:
         _fail("name", cfg["name"], "a non-empty string")
     _check_shapes(cfg)
+    _check_parts(cfg)
     ds = cfg.get("dataset")
     if ds is not None and ds not in DATASETS:
         _fail("dataset", ds, f"{', '.join(DATASETS)} or null")
@@ -192,27 +230,56 @@ def _local_layout(root: Path, family: str, subfolder: str | None) -> tuple[Path,
     return net_dir, None
 
 
+def _strict(loaded: tuple[Any, dict], what: str) -> Any:
+    """The model of `from_pretrained(..., output_loading_info=True)`, or ValueError naming the tensors
+    the checkpoint lacks or has in excess (the libraries only warn and initialise the gaps randomly)."""
+    model, info = loaded
+    problems = []
+    for label in ("missing", "unexpected", "mismatched"):
+        key = f"{label}_keys"
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+            problems.append(f"{len(names)} {label} tensors: {', '.join(names[:8])}{more}")
+    if problems:
+        raise ValueError(f"the checkpoint of {what} does not match its architecture: {'; '.join(problems)}. "
+                         "Refusing to load it (the gaps would be random values); fix or replace the weight files")
+    return model
+
+
+def _check_class_name(config_file: Path, expected: tuple[str, ...], key: str) -> None:
+    declared = json.loads(config_file.read_text()).get("_class_name")
+    if declared is None:
+        raise ValueError(f"{config_file} has no _class_name: not a diffusers config (save_pretrained writes it, "
+                         f"e.g. \"_class_name\": \"{expected[0]}\"); refusing to guess what it holds")
+    if declared not in expected:
+        raise ValueError(f"{config_file} holds a {declared}, but {key} expects a {expected[0]}; "
+                         f"fix {key} or model.path")
+
+
 def _from_folder(root: Path, cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
     net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
-    declared = json.loads((net_dir / "config.json").read_text()).get("_class_name")
-    if declared not in (None, cls.__name__, *LEGACY_CLASS_NAMES.get(cfg["family"], ())):
-        raise ValueError(f"{net_dir / 'config.json'} holds a {declared}, but model.family={cfg['family']} "
-                         f"expects a {cls.__name__}; fix model.family or model.path")
+    _check_class_name(net_dir / "config.json", (cls.__name__, *LEGACY_CLASS_NAMES.get(cfg["family"], ())),
+                      f"model.family={cfg['family']}")
     # low_cpu_mem_usage=False: what diffusers falls back to without accelerate anyway, minus its warning.
-    net = cls.from_pretrained(net_dir, low_cpu_mem_usage=False)
+    net = _strict(cls.from_pretrained(net_dir, low_cpu_mem_usage=False, output_loading_info=True), str(net_dir))
     sched = json.loads(sched_file.read_text()) if sched_file else None
     return net, sched, str(sched_file) if sched_file else ""
+
+
+def _hub_error(cfg: Mapping, sub: str | None, err: OSError) -> OSError:
+    where = "the local Hugging Face hub cache" + ("" if cfg.get("local_files_only", False) else " and huggingface.co")
+    return OSError(f"could not load model.hub_id={cfg['hub_id']!r} (subfolder={sub!r}): looked in {where} and "
+                   f"found no weights ({err}). No model.path was set and no shipped folder matches; {HOW_TO_PROVIDE}")
 
 
 def _from_hub(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
     hub_id, sub, local_only = cfg["hub_id"], cfg.get("subfolder"), cfg.get("local_files_only", False)
     try:
-        net = cls.from_pretrained(hub_id, subfolder=sub, local_files_only=local_only, low_cpu_mem_usage=False)
+        net = _strict(cls.from_pretrained(hub_id, subfolder=sub, local_files_only=local_only, low_cpu_mem_usage=False,
+                                          output_loading_info=True), f"hub:{hub_id}/{sub or ''}")
     except OSError as err:
-        where = "the local Hugging Face hub cache" + ("" if local_only else " and huggingface.co")
-        raise OSError(f"could not load model.hub_id={hub_id!r} (subfolder={sub!r}): looked in {where} and "
-                      f"found no weights ({err}). No model.path was set and no shipped folder matches; "
-                      f"{HOW_TO_PROVIDE}") from err
+        raise _hub_error(cfg, sub, err) from err
     for sched_sub in ("scheduler", None):
         try:
             sched = DDPMScheduler.load_config(hub_id, subfolder=sched_sub, local_files_only=local_only)
@@ -229,24 +296,52 @@ def _weights_root(cfg: Mapping) -> Path | None:
     return WEIGHTS_DIR / cfg["weights"] if cfg.get("weights") else None
 
 
+def _part_subfolders(cfg: Mapping) -> dict[str, str]:
+    """{subfolder: the config key that needs it} of the parts besides the denoiser and scheduler."""
+    if cfg.get("init", "pretrained") == "random":
+        return {}  # a random denoiser alone: its parts are not loaded (architecture benchmarks)
+    parts = {}
+    if cfg.get("decoder"):
+        parts[cfg["decoder"]] = f"model.decoder={cfg['decoder']}"
+    if cfg.get("text_encoder"):
+        parts["text_encoder"] = parts["tokenizer"] = f"model.text_encoder={cfg['text_encoder']}"
+    return parts
+
+
+def _part_dir(root: Path, sub: str, why: str) -> Path:
+    """root/sub, or FileNotFoundError naming the missing subfolder, before anything is sampled."""
+    marker = "tokenizer_config.json" if sub == "tokenizer" else "config.json"
+    if not (root / sub / marker).is_file():
+        raise FileNotFoundError(f"model.path={str(root)!r} lacks {sub}/ ({sub}/{marker} not found): {why} needs "
+                                f"it. A diffusers pipeline folder holds that part in {sub}/; {HOW_TO_PROVIDE}")
+    return root / sub
+
+
 @functools.lru_cache(maxsize=64)
-def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
-    """sha256 over (relative name, bytes) of files; keyed on (path, size, mtime) so a process hashes once."""
+def _files_sha256(files: tuple[tuple[str, int, int], ...], names: str = "basename") -> str:
+    """sha256 over (name, bytes) of files; keyed on (path, size, mtime) so a process hashes once.
+    `names`: "basename" (the denoiser's files, as run ids always hashed them) or "parent/basename"."""
     h = hashlib.sha256()
     for name, _, _ in files:
-        h.update(Path(name).name.encode())
+        p = Path(name)
+        h.update((p.name if names == "basename" else f"{p.parent.name}/{p.name}").encode())
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()[:16]
 
 
+def _stat(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
 def weights_fingerprint(cfg: Mapping) -> str:
     """What identifies the weights a config loads, without loading them (run ids need it cheaply).
 
     A local folder (model.path or a shipped one): a content hash of the denoiser's config and weight
-    files and the scheduler config, so retraining or replacing the weights gives new run ids instead
-    of resuming stale records. Random init: its seed. A hub id: the id (the files are not local).
+    files and the scheduler config, plus every other part the config loads (decoder, text encoder,
+    tokenizer), so retraining or replacing any of them gives new run ids instead of resuming stale
+    records. Random init: its seed. A hub id: the id (the files are not local).
     """
     cfg = _plain(cfg)
     if cfg.get("init", "pretrained") == "random":
@@ -259,7 +354,11 @@ def weights_fingerprint(cfg: Mapping) -> str:
         files = sorted(f for f in net_dir.iterdir()
                        if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")))
         files += [sched_file] if sched_file else []
-        return _files_sha256(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+        denoiser = _files_sha256(_stat(files))
+        parts = [f for sub in sorted(_part_subfolders(cfg)) if (root / sub).is_dir()
+                 for f in sorted((root / sub).iterdir())
+                 if f.is_file() and f.suffix in (".json", ".txt", ".safetensors", ".bin", ".model")]
+        return denoiser if not parts else f"{denoiser}+{_files_sha256(_stat(parts), 'parent/basename')}"
     return f"hub:{cfg.get('hub_id')}/{cfg.get('subfolder') or ''}"
 
 
@@ -272,11 +371,60 @@ def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
         return *_from_folder(root, cfg, cls), f"path:{root}"
     if root is not None:
         if not root.is_dir():
+            script = TRAIN_SCRIPT.get(cfg["weights"], "harness.models.train")
             raise FileNotFoundError(f"the shipped weights folder {root} is missing (model.weights="
-                                    f"{cfg['weights']!r}); train it with `python -m harness.models.train "
+                                    f"{cfg['weights']!r}); train it with `python -m {script} "
                                     f"--name {cfg['weights']}` or {HOW_TO_PROVIDE}")
         return *_from_folder(root, cfg, cls), "built-in"
     return *_from_hub(cfg, cls), f"hub:{cfg['hub_id']}"
+
+
+def _load_part(cls: Any, cfg: Mapping, sub: str, why: str) -> Any:
+    """A pipeline part from the local folder (strict) or the hub id's subfolder."""
+    root = _weights_root(cfg)
+    if root is not None:
+        folder = _part_dir(root, sub, why)
+        if issubclass(cls, ModelMixin):
+            _check_class_name(folder / "config.json", (cls.__name__,), why.split("=")[0])
+            return _strict(cls.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True), str(folder))
+        if cls is CLIPTextModel:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+            if model_type != "clip_text_model":
+                raise ValueError(f"{folder / 'config.json'} holds model_type={model_type!r}, but {why} expects a "
+                                 "CLIPTextModel (model_type clip_text_model)")
+            return _strict(cls.from_pretrained(folder, output_loading_info=True), str(folder))
+        return cls.from_pretrained(folder)
+    try:
+        kwargs = {"subfolder": sub, "local_files_only": cfg.get("local_files_only", False)}
+        if cls is CLIPTokenizer:
+            return cls.from_pretrained(cfg["hub_id"], **kwargs)
+        loaded = cls.from_pretrained(cfg["hub_id"], output_loading_info=True, **kwargs)
+        return _strict(loaded, f"hub:{cfg['hub_id']}/{sub}")
+    except OSError as err:
+        raise _hub_error(cfg, sub, err) from err
+
+
+def _load_decoder(cfg: Mapping, source: str) -> Decoder | None:
+    kind = cfg.get("decoder")
+    if not kind or cfg.get("init", "pretrained") == "random":
+        return None
+    net = _load_part(DECODER_CLASSES[kind], cfg, kind, f"model.decoder={kind}").eval()
+    decoder = Decoder(kind, net)
+    decoder.check(tuple(cfg["sample_shape"]), tuple(cfg["image_shape"]), source)
+    return decoder
+
+
+def _load_prompt_encoder(cfg: Mapping, source: str) -> PromptEmbeddings | None:
+    if not cfg.get("text_encoder") or cfg.get("init", "pretrained") == "random":
+        return None
+    why = f"model.text_encoder={cfg['text_encoder']}"
+    encoder = _load_part(CLIPTextModel, cfg, "text_encoder", why).eval()
+    tokenizer = _load_part(CLIPTokenizer, cfg, "tokenizer", why)
+    states = [int(tokenizer.model_max_length), int(encoder.config.hidden_size)]
+    if states != list(cfg["cond_shape"]):
+        raise ValueError(f"the text encoder from {source} gives states {states} (tokenizer max length, hidden size), "
+                         f"but model.cond_shape={list(cfg['cond_shape'])}; fix model.cond_shape")
+    return PromptEmbeddings(encoder, tokenizer)
 
 
 def _check_loaded(net: ModelMixin, cfg: Mapping, source: str) -> None:
@@ -289,7 +437,11 @@ def _check_loaded(net: ModelMixin, cfg: Mapping, source: str) -> None:
 
 
 def load_model(cfg: Mapping) -> DiffusionModel:
-    """Build the DiffusionModel a resolved `model` config group describes (see the module docstring)."""
+    """Build the DiffusionModel a resolved `model` config group describes (see the module docstring).
+
+    Every part the config needs is loaded (and checked against the others) here, so a missing or
+    broken part fails the run before any calibration or sampling. A prompt-conditioned pipeline still
+    needs its prompt file: harness.models.conditions.bind_prompts."""
     cfg = _plain(cfg)
     check_model_config(cfg)
     cls = MODELS.get(cfg["family"])
@@ -297,14 +449,19 @@ def load_model(cfg: Mapping) -> DiffusionModel:
     _check_loaded(net, cfg, source)
     if sched is None:
         if cfg.get("scheduler") is None:
-            raise ValueError(f"the weights from {source} carry no scheduler config and model.scheduler is "
-                             "null; set model.scheduler to a DDPMScheduler config mapping")
+            raise ValueError(f"the weights from {source} carry no scheduler config (no scheduler/ subfolder) and "
+                             "model.scheduler is null; set model.scheduler to a DDPMScheduler config mapping")
         sched, sched_where = dict(cfg["scheduler"]), "model.scheduler"
+    decoder = _load_decoder(cfg, source)
+    prompts = _load_prompt_encoder(cfg, source)
     net.eval()
+    extra = {"scheduler_source": sched_where, "params": sum(p.numel() for p in net.parameters())}
+    if cfg.get("init", "pretrained") == "random" and (cfg.get("decoder") or cfg.get("text_encoder")):
+        extra["parts"] = "random denoiser only: decoder / text encoder not loaded"
     return DiffusionModel(
         name=cfg["name"], family=cfg["family"], net=net, scheduler_config=sched,
         sample_shape=tuple(cfg["sample_shape"]), num_classes=cfg.get("num_classes"),
         cond_shape=tuple(cfg["cond_shape"]) if cfg.get("cond_shape") is not None else None,
         guidance_scale=float(cfg.get("guidance_scale", 1.0)), dataset=cfg.get("dataset"), source=source,
-        extra={"scheduler_source": sched_where, "params": sum(p.numel() for p in net.parameters())},
+        extra=extra, decoder=decoder, conditions=prompts,
     )
