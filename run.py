@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from harness.callbacks import ledger_path
 from harness.runner import run
 
 
@@ -19,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     # Runs of one sweep share a W&B group: the sweep's folder name.
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    run(cfg, group=group)
+    run(cfg, group=group, ledger=ledger_path(hc))  # never raises: harness/callbacks.py sets the exit code
 
 
 if __name__ == "__main__":

@@ -1,23 +1,84 @@
-"""Hydra callbacks: sweep-level work that belongs after the last run of a multirun."""
+"""Hydra callbacks: what belongs after the last run: the tables, a summary, the exit code.
+
+Every run (and its FP reference) appends one line to a ledger (`runs.jsonl` in the sweep folder,
+or in the run folder of a single run): finished, failed or resumed, with the first line of the
+error. The callbacks truncate it when a sweep starts and read it when it ends, so the summary also
+covers launchers whose jobs run in other processes. A sweep regenerates the tables from what
+finished first, then prints the summary and exits non-zero if any run failed; a single run exits
+non-zero when it (or its FP reference) failed.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from harness.aggregate.cli import aggregate
 
 log = logging.getLogger(__name__)
 
+LEDGER_FILE = "runs.jsonl"
+OUTCOMES = ("finished", "failed", "resumed")
+
+
+def ledger_path(hc: DictConfig | None = None) -> Path:
+    """The ledger of the current Hydra invocation: in the sweep folder for -m, else the run folder."""
+    hc = hc if hc is not None else HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir) / LEDGER_FILE
+    return Path(hc.run.dir) / LEDGER_FILE
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The ledger's entries; a torn last line (a job killed mid-append) is reported as such."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            entries.append({"run_id": "?", "outcome": "failed", "label": "?", "error": f"torn ledger line {line!r}"})
+    return entries
+
+
+def summary(entries: list[dict[str, Any]], where: Path) -> tuple[str, bool]:
+    """The summary text (counts, then one line per failed run) and whether any run failed."""
+    counts = {o: sum(e.get("outcome") == o for e in entries) for o in OUTCOMES}
+    lines = [f"summary: {len(entries)} runs: " + ", ".join(f"{n} {o}" for o, n in counts.items()) + f" ({where})"]
+    lines += [f"  FAILED {e.get('run_id')} {e.get('label')}: {e.get('error')}"
+              for e in entries if e.get("outcome") == "failed"]
+    return "\n".join(lines), counts["failed"] > 0
+
+
+def _report_and_exit(path: Path) -> None:
+    text, failed = summary(read_ledger(path), path)
+    print(text, flush=True)  # stdout: the last lines a user sees, whatever the logging config
+    if failed:
+        sys.exit(1)  # SystemExit passes Hydra's callback guard (it catches Exception only)
+
 
 class AggregateTables(Callback):
-    """Regenerate the paper-style tables from the store when a sweep ends, so a sweep's last lines
-    say where its tables are. Tables go next to the store (results/store -> results/tables). A
-    failure here never hides the runs' results: they are in the store."""
+    """After a sweep: regenerate the paper-style tables from the store (next to it: results/store ->
+    results/tables), then the summary and the exit code. A table failure never hides the runs'
+    results (they are in the store) and never masks a failed run's exit code."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ledger_path(config.hydra).unlink(missing_ok=True)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _report_and_exit(ledger_path(config.hydra))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        ledger_path(config.hydra).unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         store = Path(config.paths.store)
@@ -25,6 +86,7 @@ class AggregateTables(Callback):
             written = aggregate(store, store.parent / "tables")
         except Exception as err:  # noqa: BLE001 - tables are a convenience, the store is the result
             log.warning("could not regenerate tables from %s: %s", store, err)
-            return
+            written = []
         for path in written:
-            log.info("table: %s", path)
+            print(f"table: {path}", flush=True)
+        _report_and_exit(ledger_path(config.hydra))

@@ -3,12 +3,13 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from harness.config import RunConfig
-from harness.runner import validate
+from harness.runner import check_device, validate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -60,3 +61,39 @@ def test_wrong_values_fail_before_loading_with_the_key_named(override: str, mess
     with pytest.raises(ValueError) as err:
         validate(_compose(override))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=qdiff", "method.lr=abc"], "<method.lr=abc> must be a number (float) >= 0.0"),
+        (["method=tfmq", "method.fsc_scope=bogus"], "<method.fsc_scope=bogus> must be one of tib, all"),
+        (["method=tfmq", "+method.fsc_scop=tib"], "<method.fsc_scop> is not a setting of this method; "
+                                                  "did you mean 'fsc_scope'?"),
+        (["method=rtn", "method.recipes.quick.calib_rows=1.5"], "<method.recipes.quick.calib_rows=1.5> must be "
+                                                                "an integer >= 1"),
+        (["method=ptq4dm", "method.beta=[1,2,3]"], "<method.beta=[1, 2, 3]> must be a list of 2 numbers"),
+        (["method=rtn", "method.keep_fp=conv_in"], "<method.keep_fp=conv_in> must be a list of strings"),
+        (["method=rtn", "~method.recipes"], "<method.calib_rows>, <method.batch_size> are required"),
+        (["device=cuda"] if not torch.cuda.is_available() else ["device=cuda:99"], "<device=cuda"),
+    ],
+)
+def test_method_settings_and_device_fail_before_loading(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        validate(_compose(*overrides))
+    assert message in str(err.value)
+
+
+def test_every_method_yaml_matches_its_schema_in_every_recipe() -> None:
+    for path in sorted((Path(CONF) / "method").glob("*.yaml")):
+        for recipe in ("quick", "paper"):
+            validate(_compose(f"method={path.stem}", f"recipe={recipe}"))
+
+
+def test_cuda_index_beyond_the_visible_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit test with a mocked torch.cuda (two GPUs visible): this machine may have none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:1")
+    with pytest.raises(ValueError, match=r"<device=cuda:3> but only 2 GPU\(s\) are visible: accepted cuda:0..cuda:1"):
+        check_device("cuda:3")

@@ -1,5 +1,6 @@
 """One run end to end on a tiny random model: record, resume, failure isolation, FP reference."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,16 +66,47 @@ def test_fp_identity_ignores_bits(tmp_path: Path) -> None:
     assert a.run_id == b.run_id
 
 
-def test_failed_run_is_recorded_and_does_not_raise(tmp_path: Path) -> None:
-    rec = run(_cfg(tmp_path, "method=rtn", "model=ddpm_cifar10", "model.path=/nonexistent/folder"))
+def _ledger(path: Path) -> list[tuple[str, str]]:
+    return [(e["outcome"], e["run_id"]) for e in map(json.loads, path.read_text().splitlines())]
+
+
+def test_failed_run_is_recorded_and_does_not_launch_its_fp_reference(tmp_path: Path) -> None:
+    ledger = tmp_path / "runs.jsonl"
+    rec = run(_cfg(tmp_path, "method=rtn", "model=ddpm_cifar10", "model.path=/nonexistent/folder"), ledger=ledger)
     assert rec.status == "failed"
     assert "/nonexistent/folder" in rec.error and rec.traceback
-    stored = ResultsStore(tmp_path / "store").get(rec.run_id)
-    assert stored is not None and stored.status == "failed"
+    stored = ResultsStore(tmp_path / "store").records()
+    assert [(r.run_id, r.status) for r in stored] == [(rec.run_id, "failed")], "no FP reference after a failure"
+    assert _ledger(ledger) == [("failed", rec.run_id)]
 
 
-def test_invalid_config_raises_and_leaves_a_failed_record(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"<sampler.steps=0>"):
-        run(_cfg(tmp_path, "method=rtn", "sampler.steps=0"))
-    (rec,) = ResultsStore(tmp_path / "store").records()
-    assert rec.status == "failed" and "sampler.steps=0" in rec.error
+def test_invalid_config_returns_a_failed_record(tmp_path: Path) -> None:
+    """A sweep must go on (and reach its summary and tables) past an invalid job: run() never raises."""
+    rec = run(_cfg(tmp_path, "method=rtn", "sampler.steps=0"), ledger=tmp_path / "runs.jsonl")
+    assert rec.status == "failed" and rec.error.startswith("invalid config: ValueError: <sampler.steps=0>")
+    (stored,) = ResultsStore(tmp_path / "store").records()
+    assert stored.status == "failed" and stored.run_id == rec.run_id
+    assert _ledger(tmp_path / "runs.jsonl") == [("failed", rec.run_id)]
+
+
+def test_run_id_error_on_an_empty_model_folder_is_a_failed_record(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    rec = run(_cfg(tmp_path, "method=rtn", "model=ddpm_cifar10", f"model.path={empty}"))
+    assert rec.status == "failed" and rec.error.startswith("run id: FileNotFoundError: no config.json")
+    assert ResultsStore(tmp_path / "store").get(rec.run_id).status == "failed"
+
+
+def test_failing_forced_rerun_keeps_the_finished_record(tmp_path: Path) -> None:
+    """force=true with the artifact cache made unwritable (a file where the folder should be): the
+    rerun fails, the finished record and its metrics stay, the failure joins its attempts."""
+    first = run(_cfg(tmp_path, "method=fp"))
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    failed = run(_cfg(tmp_path, "method=fp", "force=true", f"paths.artifacts={blocked}"))
+    assert failed.status == "failed" and failed.run_id == first.run_id
+    kept = ResultsStore(tmp_path / "store").get(first.run_id)
+    assert kept.finished and kept.metrics == first.metrics and kept.created == first.created
+    assert [a["status"] for a in kept.attempts] == ["failed"] and kept.attempts[0]["error"] == failed.error
+    assert {"start", "end"} <= set(first.environment["load"]) and "under_load" in first.environment
+    assert first.environment["load"]["start"]["cpu_count"] >= 1
