@@ -1,13 +1,17 @@
 """One run, end to end. Read this first: it is the table of contents of the harness.
 
 model -> calibration data -> method quantizes -> backend prepares -> sample -> metrics -> record ->
-sinks. `run(cfg)` works with or without Hydra; a run that raises is recorded as failed and the
-sweep goes on; a finished run is skipped (resume) unless `force=true`.
+sinks. `run(cfg)` works with or without Hydra; it never raises: a run that fails (at validation, at
+its run id, or while running) is recorded as failed and the sweep goes on; a finished run is
+skipped (resume) unless `force=true`, and a failed rerun never replaces a finished record.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 import time
 import traceback
 from collections.abc import Iterator, Mapping
@@ -19,18 +23,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import methods
+from harness import distributed
 from harness.artifacts import ArtifactCache
 from harness.backends import BACKENDS
 from harness.config import RunConfig
-from harness.environment import collect_environment
+from harness.environment import collect_environment, machine_load, under_load
 from harness.evaluate import evaluate, save_grid
+from harness.finite import NonFiniteError
+from harness.locks import hold
+from harness.metrics.uncertainty import FEATURES_FILE
+from harness.models.conditions import bind_prompts
 from harness.models.zoo import check_model_config, load_model, weights_fingerprint
 from harness.references import References
 from harness.run_id import run_id
-from harness.sampling import sample, schedule_timesteps
+from harness.sampling import schedule_timesteps
 from harness.store import ResultsStore, RunRecord
 from harness.tracking import make_sink
 from methods.engine.modules import QuantSpec
+from methods.settings import check_settings
 
 log = logging.getLogger("harness")
 
@@ -50,38 +60,74 @@ def identity_config(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate(cfg: DictConfig | Mapping) -> tuple[RunConfig, dict[str, Any]]:
-    """Parse and check every group before anything is loaded."""
+    """Parse and check every group before anything is loaded: the typed config, the model config, the
+    device, the method's settings against its schema (and its own cross-key checks), the backend."""
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     rc = RunConfig.parse(raw)
     check_model_config(rc.model)
-    methods.METHODS.get(str(rc.method.get("name")))
+    check_device(rc.device)
+    method_cls = methods.METHODS.get(str(rc.method.get("name")))
+    check_settings(method_cls, rc.method, rc.recipe)
+    method_cls(rc.method, rc.recipe)  # recipe choice and cross-key rules (e.g. TFMQ's variant vs toggles)
     BACKENDS.get(str(rc.backend.get("name")))
     return rc, raw
 
 
+_DEVICE_RE = re.compile(r"^cuda(?::(\d+))?$")
+
+
+def check_device(name: str) -> None:
+    """`cuda` / `cuda:N` must name a GPU this process can see; said up front, not as a driver error mid-run."""
+    if name in ("auto", "cpu"):
+        return
+    m = _DEVICE_RE.match(name)
+    if m is None:
+        raise ValueError(f"<device={name}> must be auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"<device={name}> but no CUDA GPU is available to this process (torch {torch.__version__}, "
+                         f"CUDA build {torch.version.cuda}); use device=cpu or device=auto")
+    index, count = int(m[1] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"<device={name}> but only {count} GPU(s) are visible: accepted cuda:0..cuda:{count - 1}")
+
+
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun: this rank's GPU (LOCAL_RANK)
+        return distributed.local_device()
     return torch.device(name)
 
 
-def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
-    """Run one configuration (or resume it from the store) and return its record.
+def check_metrics_finite(metrics: Mapping[str, float]) -> None:
+    """A NaN or inf metric fails the run: tables must never show a diverged run as a number."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise NonFiniteError(f"non-finite metrics {bad}: the run diverged or a metric failed")
 
-    An invalid config raises (after a failed record is written, so a sweep's store shows it); a
-    run that fails while running is recorded as failed and returned, so the sweep goes on."""
+
+def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None = None) -> RunRecord:
+    """Run one configuration (or resume it from the store) and return its record; never raises.
+
+    Every failure becomes a failed record in the store (an invalid config, an error computing the run
+    id, an error while running) and the sweep goes on; a failed run does not launch its FP reference.
+    `ledger` (a JSON-lines file) gets one line per run attempted here (finished / failed / resumed),
+    from which the Hydra callbacks print the sweep's summary and set the exit code."""
+    distributed.init_from_env()  # under torchrun: join the ranks that share this run's evaluation
+    stage = "invalid config"
     try:
         rc, raw = validate(cfg)
-    except (ValueError, KeyError) as err:
-        _record_invalid(cfg, err)
-        raise
-    rid = run_id(identity_config(raw))
-    sink = make_sink(rc.logger, group=group)  # a bad logger config fails here, before any work
-    store = ResultsStore(Path(rc.paths["store"]))
+        stage = "run id"
+        rid = run_id(identity_config(raw))
+        stage = "logger"
+        sink = make_sink(rc.logger if distributed.is_main() else None, group=group)  # fails here, before any work
+    except Exception as err:  # noqa: BLE001 - recorded as failed; the sweep goes on
+        log.error("%s: %s: %s", stage, type(err).__name__, err)
+        return _note(ledger, _record_invalid(cfg, err, stage), "failed")
+    store = distributed.main_writes(ResultsStore(Path(rc.paths["store"])))  # torchrun: rank 0 writes
     label = f"{rc.model['name']}/{rc.method['name']}/{rc.bits_tag}/{rc.backend['name']}"
-    if not rc.force and store.is_finished(rid):
+    stored = None if rc.force else store.get(rid)
+    if distributed.from_main(stored is not None and stored.finished):  # all ranks follow rank 0
         log.info("%s: finished record %s in %s; skipping (force=true reruns)", label, rid, store.root)
-        return store.get(rid)
+        return _note(ledger, stored or store.get(rid), "resumed")
     variant = rc.method.get("variant")
     if variant == methods.METHODS.get(rc.method["name"]).full_variant:
         variant = None
@@ -93,38 +139,72 @@ def run(cfg: DictConfig | Mapping, group: str | None = None) -> RunRecord:
     out_dir = Path(rc.paths["outputs"]) / rid
     start = time.perf_counter()
     try:
+        store.write(record)  # a marker: a run killed from outside leaves a running record, not nothing
+        record.environment["load"] = {"start": machine_load()}
         execute(rc, record, out_dir)
+        record.environment["load"]["end"] = machine_load()
+        record.environment["under_load"] = under_load(record.environment["load"])
+        check_metrics_finite(record.metrics)
         record.status = "finished"
         record.report["timings"]["run_total"] = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
         log.exception("%s failed", label)
         record.status, record.error, record.traceback = "failed", f"{type(err).__name__}: {err}", traceback.format_exc()
-    store.write(record)
+    try:
+        store.write(record)
+    except Exception as err:  # noqa: BLE001 - e.g. a full disk: say so, the sweep goes on
+        log.exception("%s: the record could not be written to %s", label, store.root)
+        record.status, record.error = "failed", f"record not written: {type(err).__name__}: {err} (run: {record.error})"
     try:
         sink.log_record(record)
     finally:
         sink.finish()
     log.info("%s: %s -> record %s | grid %s | W&B %s", label, record.status, store.path(rid),
              record.artifacts.get("grid", "-"), record.artifacts.get("wandb", getattr(sink, "location", "-")))
-    if raw.get("fp_reference", True) and not rc.is_fp:
-        run(fp_reference_config(raw), group=group)
+    _note(ledger, record, record.status)
+    if raw.get("fp_reference", True) and not rc.is_fp and record.finished:
+        fp_raw = fp_reference_config(raw)  # parallel jobs share it: one computes it, the others wait and resume it
+        with hold(store.root / ".locks" / f"{run_id(identity_config(fp_raw))}.lock",
+                  rc.paths.get("lock_mode", "os"), "the FP reference run"):
+            run(fp_raw, group=group, ledger=ledger)
     return record
 
 
-def _record_invalid(cfg: DictConfig | Mapping, err: Exception) -> None:
-    """Best effort: a config that does not validate still leaves a failed record behind."""
-    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    store_dir = (raw.get("paths") or {}).get("store")
-    if not store_dir:
-        return
-    bits = raw.get("bits") or {}
+def _note(ledger: Path | None, record: RunRecord, outcome: str) -> RunRecord:
+    """Append the run's outcome to the sweep's ledger (one short line: appends do not interleave)."""
+    if ledger is not None:
+        line = {"run_id": record.run_id, "outcome": outcome, "label": f"{record.model}/{record.method}/{record.bits}",
+                "error": (record.error or "").splitlines()[0][:300] if record.error else None}
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        with ledger.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+    return record
+
+
+def _record_invalid(cfg: DictConfig | Mapping, err: Exception, stage: str) -> RunRecord:
+    """A config that does not validate (or whose run id cannot be computed) still leaves a failed
+    record, under the hash of the raw config, in the store when the config names one."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except Exception:  # noqa: BLE001 - an interpolation error: record what can be shown
+        raw = {"unresolved": OmegaConf.to_yaml(cfg) if isinstance(cfg, DictConfig) else repr(cfg)}
+    def group(key: str) -> Mapping[str, Any]:
+        value = raw.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    bits = group("bits")
     record = RunRecord(
-        run_id=run_id(raw), model=str((raw.get("model") or {}).get("name")),
-        method=str((raw.get("method") or {}).get("name")),
+        run_id=run_id(raw), model=str(group("model").get("name")), method=str(group("method").get("name")),
         bits=f"w{bits.get('weight_bits')}a{bits.get('act_bits')}", status="failed",
-        error=f"invalid config: {type(err).__name__}: {err}", traceback=traceback.format_exc(), config=raw,
+        error=f"{stage}: {type(err).__name__}: {err}", traceback=traceback.format_exc(), config=raw,
     )
-    ResultsStore(Path(store_dir)).write(record)
+    store_dir = group("paths").get("store")
+    if store_dir:
+        try:
+            ResultsStore(Path(store_dir)).write(record)
+        except Exception as write_err:  # noqa: BLE001 - the ledger and the log still say it
+            log.error("the failed record could not be written to %s: %s", store_dir, write_err)
+    return record
 
 
 def fp_reference_config(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,9 +243,10 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     torch.manual_seed(rc.seed)
     phase, e = Phases(), rc.eval
     with phase("load", "Loading model <%s>", rc.model["name"]):
-        model = load_model(rc.model)
-        model.net.to(resolve_device(rc.device)).eval()
-        refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
+        model = load_model(rc.model).to(resolve_device(rc.device))  # denoiser + decoder + text encoder
+        cache = ArtifactCache(rc.paths["artifacts"], rc.paths.get("lock_mode", "os"))
+        bind_prompts(model.conditions, e.prompts, e.prompt_column, cache)  # text pipelines: encoded once, cached
+        refs = References(rc, model, cache)
     spec = quant_spec(rc)
     method = methods.METHODS.get(rc.method["name"])(rc.method, rc.recipe)
     calib = None
@@ -187,15 +268,20 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
         if spec is None and rc.backend["name"] == "fake":
             samples = fp_samples  # the FP model on the reference backend *is* the shared FP artifact
         else:
-            samples = sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed, n_trajectory=e.n_trajectory,
-                             desc=f"sampling {rc.method['name']} {rc.bits_tag}")
+            samples = distributed.sample(exe, rc.sampler, e.n_samples, e.batch_size, e.seed,
+                                         n_trajectory=e.n_trajectory,
+                                         desc=f"sampling {rc.method['name']} {rc.bits_tag}")
     with phase("metrics", "Metrics"):
-        record.metrics, record.curves = evaluate(rc, refs, result.model, exe, samples, fp_samples)
+        features_dir = out_dir if distributed.is_main() else None  # per-sample features for paired tests
+        record.metrics, record.curves = evaluate(rc, refs, result.model, exe, samples, fp_samples, features_dir)
+        if features_dir is not None and (features_dir / FEATURES_FILE).is_file():
+            record.artifacts["eval_features"] = str(features_dir / FEATURES_FILE)
     record.metrics["calib_seconds"] = result.report.calib_seconds
     cache = result.report.details.get("cache")
     if isinstance(cache, dict) and "cache_bytes" in cache:  # TFMQ's cached temporal features
         record.metrics["cache_bytes"] = cache["cache_bytes"]
     with phase("grid", "Saving the sample grid"):
-        record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))
+        if distributed.is_main():
+            record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))
     record.report = {**record.report, **result.report.__dict__, "backend": backend.describe(),
-                     "timings": phase.seconds}
+                     "timings": phase.seconds, "artifact_builds": refs.cache.builds, "model": model.describe()}
