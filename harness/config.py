@@ -13,6 +13,7 @@ from typing import Any
 SAMPLERS = ("ddim", "ddpm", "dpm_solver", "plms")
 EXTRACTORS = ("auto", "lenet", "inception", "none")
 REFERENCES = ("auto", "dataset", "fp")
+RESIZE_MODES = ("legacy_tensorflow", "clean", "legacy_pytorch")  # clean-fid's modes (harness/metrics/inception.py)
 RECIPES = ("quick", "paper")
 
 
@@ -76,6 +77,20 @@ class SamplerConfig:
         )
 
 
+def _reference(cfg: Mapping) -> str:
+    """auto / dataset / fp, or the user's reference data (a folder or an npz), checked here so a bad
+    path fails before anything loads."""
+    v = cfg.get("reference")
+    if v in REFERENCES:
+        return v
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"<eval.reference={v}> must be one of {', '.join(REFERENCES)} or a path")
+    from harness.metrics.reference_data import reference_format
+
+    reference_format(v)
+    return v
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     name: str
@@ -86,6 +101,8 @@ class EvalConfig:
     reference: str
     inception_weights: str | None
     inception_random: bool
+    resize: str
+    clip_model: str | None
     n_trajectory: int
     temporal: bool
     latency_batch_sizes: tuple[int, ...]
@@ -106,9 +123,11 @@ class EvalConfig:
             batch_size=_int(cfg, "eval", "batch_size", 1),
             seed=_int(cfg, "eval", "seed", 0),
             extractor=_choice(cfg, "eval", "extractor", EXTRACTORS),
-            reference=_choice(cfg, "eval", "reference", REFERENCES),
+            reference=_reference(cfg),
             inception_weights=cfg.get("inception_weights"),
             inception_random=bool(cfg.get("inception_random", False)),
+            resize=_choice(cfg, "eval", "resize", RESIZE_MODES) if "resize" in cfg else "legacy_tensorflow",
+            clip_model=cfg.get("clip_model"),
             n_trajectory=min(_int(cfg, "eval", "n_trajectory", 0), n),
             temporal=bool(cfg.get("temporal", True)),
             latency_batch_sizes=tuple(sizes),

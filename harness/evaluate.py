@@ -15,9 +15,11 @@ import torch
 from torchvision.utils import save_image
 
 from harness.config import RunConfig
+from harness.metrics.clip_score import clip_score, sample_prompts
 from harness.metrics.features import FeatureExtractor, build_extractor, images_to_features
 from harness.metrics.fidelity import class_accuracy, features_to_metrics
 from harness.metrics.latency import fp32_weight_bytes, measure_latency, weight_bytes
+from harness.metrics.reference_data import statistics_only_metrics
 from harness.metrics.temporal import capture_temporal_features, psnr, temporal_feature_error, trajectory_error
 from harness.models.base import DiffusionModel
 from harness.references import References
@@ -30,7 +32,8 @@ def make_extractor(rc: RunConfig, model: DiffusionModel) -> FeatureExtractor:
     if name == "auto":
         name = "lenet" if model.dataset == "mnist" else "inception"
     if name == "inception":
-        return build_extractor("inception", weights=rc.eval.inception_weights, random_init=rc.eval.inception_random)
+        return build_extractor("inception", weights=rc.eval.inception_weights, random_init=rc.eval.inception_random,
+                               resize=rc.eval.resize)
     return build_extractor(name)
 
 
@@ -38,6 +41,8 @@ def quality_metrics(rc: RunConfig, refs: References, samples: Samples, fp_sample
     extractor = make_extractor(rc, refs.model)
     feats = images_to_features(extractor, samples.images, rc.eval.batch_size, desc="sample features")
     reference = refs.reference_statistics(extractor, fp_samples)
+    if "kid_pooled" not in reference:  # the user's npz of Inception statistics: FID (sFID) and IS only
+        return statistics_only_metrics(feats, reference, seed=rc.eval.seed)
     out = features_to_metrics(feats, reference, seed=rc.eval.seed)
     if refs.model.num_classes is not None and extractor.name == "lenet" and samples.conds is not None:
         out.update(class_accuracy(feats.logits, samples.conds))
@@ -73,6 +78,9 @@ def evaluate(rc: RunConfig, refs: References, qmodel: DiffusionModel, exe: Diffu
     metrics: dict[str, Any] = {} if rc.eval.extractor == "none" else quality_metrics(rc, refs, samples, fp_samples)
     if samples is not fp_samples:  # the FP run is the reference itself (PSNR would be inf)
         metrics["psnr_vs_fp"] = psnr(fp_samples.images, samples.images)
+    if rc.eval.clip_model:  # text-to-image: each decoded image against its prompt
+        prompts = sample_prompts(getattr(refs.model, "conditions", None), samples.conds)
+        metrics["clip_score"] = clip_score(samples.images, prompts, rc.eval.clip_model, rc.eval.batch_size)
     curves: dict[str, Any] = {"timesteps": samples.timesteps}
     if samples.trajectory is not None and fp_samples.trajectory is not None:
         curves["trajectory_error"] = trajectory_error(fp_samples.trajectory, samples.trajectory)

@@ -16,6 +16,7 @@ from harness.artifacts import ArtifactCache, tensors_fingerprint
 from harness.calibration import CalibData, capture_calibration
 from harness.config import RunConfig
 from harness.datasets import load_mnist
+from harness.metrics import reference_data
 from harness.metrics.features import FeatureExtractor, images_to_features
 from harness.metrics.fidelity import features_to_reference
 from harness.metrics.temporal import capture_temporal_features
@@ -87,6 +88,8 @@ class References:
     def reference_statistics(self, extractor: FeatureExtractor, fp_samples: Samples) -> dict[str, torch.Tensor]:
         """Feature statistics of the reference set (cached per extractor)."""
         kind = self.reference_kind()
+        if kind not in ("dataset", "fp"):  # the user's folder or npz (harness/metrics/reference_data.py)
+            return reference_data.reference_statistics(kind, extractor, self.rc.eval.batch_size, self.cache)
         if kind == "dataset":
             deps = {"dataset": self.model.dataset, "extractor": extractor.describe()}
             images = DATASETS[str(self.model.dataset)]
