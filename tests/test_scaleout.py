@@ -116,6 +116,7 @@ def test_shards_are_whole_batches_covering_every_sample() -> None:
 def test_joblib_sweep_builds_shared_artifacts_once(tmp_path: Path) -> None:
     """Four runs on two joblib workers need the same calibration data, FP samples and FP temporal
     features, and the same FP reference run: each is computed once."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     proc = _run([sys.executable, "run.py", "-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
                  *TINY, "method=rtn", "bits=w8a8,w4a8,w8a32,w4a32", *_paths(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -141,7 +142,9 @@ def test_submitit_local_sweep_survives_a_failing_job(tmp_path: Path) -> None:
     assert (tmp_path / "sweep" / ".submitit").is_dir(), "submitit's job folders (logs, pickles) are there"
 
 
+@pytest.mark.slow  # a ray cluster start costs tens of seconds; ray is not in the test extra
 def test_ray_local_cluster_sweep(tmp_path: Path) -> None:
+    """Runs as ray tasks on a local cluster bound to 127.0.0.1, sharing the artifacts."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher.ray_launcher",
                         reason="hydra-ray-launcher not installed (pip install -e '.[ray]')")
     proc = _run([sys.executable, "run.py", "-m", "hydra/launcher=local_ray", *TINY, "method=rtn",
