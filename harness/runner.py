@@ -112,6 +112,7 @@ def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None
     `ledger` (a JSON-lines file) gets one line per run attempted here (finished / failed / resumed),
     from which the Hydra callbacks print the sweep's summary and set the exit code."""
     distributed.init_from_env()  # under torchrun: join the ranks that share this run's evaluation
+    ledger = ledger if distributed.is_main() else None  # one ledger line per run, not per rank
     stage = "invalid config"
     try:
         rc, raw = validate(cfg)

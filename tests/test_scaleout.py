@@ -124,6 +124,9 @@ def test_joblib_sweep_builds_shared_artifacts_once(tmp_path: Path) -> None:
     assert sorted((r["method"], r["status"]) for r in records) == [("fp", "finished")] + [("rtn", "finished")] * 4
     assert sorted(_builds(tmp_path / "artifacts")) == ["calibration", "fp_samples", "fp_temporal_features"]
     assert sum(len(r["report"]["artifact_builds"]) for r in records) == 3, "the records say who built what"
+    ledger = [json.loads(line) for line in (tmp_path / "sweep" / "runs.jsonl").read_text().splitlines()]
+    fp = sorted(e["outcome"] for e in ledger if "/fp/" in e["label"])
+    assert fp == ["finished", "resumed", "resumed", "resumed"], "one job computed the FP reference, three resumed it"
     where = [r["environment"]["placement"] for r in records]
     assert {w["launcher"] for w in where} == {"JoblibLauncher"}
     assert len({w["pid"] for w in where}) == 2, "two worker processes shared the runs"
