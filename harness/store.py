@@ -189,8 +189,9 @@ class ResultsStore:
         """Store `record`, never losing a finished result.
 
         A failed or running record does not replace a finished one: a failure is appended to the
-        finished record's `attempts`, a running marker is dropped. A finished record inherits the
-        attempt history of what it replaces. A file that does not parse or fails its checksum is
+        finished record's `attempts`, a running marker is dropped. Any other record inherits the
+        attempt history of what it replaces, plus that record itself when it failed or is the running
+        marker of another attempt (a run killed before it finished). A file that does not parse or fails its checksum is
         kept beside the new record as `<run_id>.json.corrupt-<time>` rather than overwritten."""
         target = self.path(record.run_id)
         previous: RunRecord | None = None
@@ -211,8 +212,10 @@ class ResultsStore:
             warnings.warn(f"run {record.run_id} failed ({record.error}); the finished record is kept and the "
                           "failure added to its attempts", stacklevel=2)
             return target
-        if previous is not None:
-            history = [*previous.attempts, *([previous.attempt()] if previous.status == "failed" else [])]
+        if previous is not None:  # an earlier failure, or the marker of a run killed before it finished
+            earlier = previous.status == "failed" or (previous.status == "running"
+                                                      and previous.created != record.created)
+            history = [*previous.attempts, *([previous.attempt()] if earlier else [])]
             record = replace(record, attempts=[*history, *record.attempts])
         self._write_file(target, record)
         return target

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.artifacts import ArtifactCache
-from harness.environment import collect_environment, git_state
+from harness.environment import collect_environment, git_state, machine_load, under_load
 from harness.run_id import PRESENTATION_KEYS, run_id
 from harness.store import SCHEMA_VERSION, CorruptRecordError, ResultsStore, RunRecord, record_checksum
 from harness.store import main as store_main
@@ -227,13 +227,15 @@ def test_a_failed_rerun_never_replaces_a_finished_record(tmp_path: Path) -> None
     assert store.get("r").metrics == {"fid": 11.0} and len(store.get("r").attempts) == 1, "history carried"
 
 
-def test_a_finished_run_keeps_the_failures_it_replaces_but_not_its_own_marker(tmp_path: Path) -> None:
+def test_a_finished_run_keeps_the_failures_and_kills_it_replaces_but_not_its_own_marker(tmp_path: Path) -> None:
     store = ResultsStore(tmp_path)
     store.write(_record("r", status="failed", error="boom", metrics={}, created="2026-01-01T00:00:00+00:00"))
-    marker = _record("r", status="running", metrics={}, created="2026-01-02T00:00:00+00:00")
+    store.write(_record("r", status="running", metrics={}, created="2026-01-02T00:00:00+00:00"))  # then killed
+    marker = _record("r", status="running", metrics={}, created="2026-01-03T00:00:00+00:00")
     store.write(marker)
     store.write(_record("r", created=marker.created))
-    assert [a["error"] for a in store.get("r").attempts] == ["boom"]
+    attempts = store.get("r").attempts
+    assert [(a["status"], a["created"][:10]) for a in attempts] == [("failed", "2026-01-01"), ("running", "2026-01-02")]
 
 
 def test_an_unreadable_record_is_set_aside_not_overwritten(tmp_path: Path) -> None:
@@ -289,3 +291,22 @@ def test_verify_reports_corrupt_records_and_artifacts(tmp_path: Path, capsys) ->
     assert "PROBLEM" in out and "edited.json: unreadable or corrupted: checksum mismatch" in out
     assert "sha256 does not match" in out and "note:" in out and "legacy.json: no checksum" in out
     assert out.strip().endswith("2 problem(s), 1 note(s)")
+
+
+def test_machine_load_counts_other_harness_processes() -> None:
+    """A second process whose command line runs the harness (`... run.py`) makes timings contended."""
+    alone = machine_load()
+    assert alone["cpu_count"] == os.cpu_count() and len(alone["loadavg"]) == 3
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "run.py"])
+    try:
+        deadline = time.time() + 10
+        while machine_load()["other_harness_processes"] <= alone["other_harness_processes"]:
+            assert time.time() < deadline, "the other harness process was not seen"
+            time.sleep(0.05)
+        busy = machine_load()
+    finally:
+        other.kill()
+        other.wait()
+    assert under_load({"start": busy})
+    assert not under_load({"start": {**busy, "other_harness_processes": 0, "loadavg": [0.0, 0.0, 0.0]}})
+    assert under_load({"end": {**busy, "other_harness_processes": 0, "loadavg": [9.0 * busy["cpu_count"], 0, 0]}})
