@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.backends import BACKENDS
 from harness.calibration import CalibData
-from harness.environment import collect_environment
+from harness.environment import collect_environment, machine_load, under_load
 from harness.metrics.latency import benchmark_latency, fp32_weight_bytes, weight_bytes
 from harness.models.base import DiffusionModel
 from harness.models.zoo import load_model
@@ -304,9 +304,11 @@ def run_bench(bench: Bench, seed: int = 0) -> list[dict[str, Any]]:
     fp.net.eval()
     calib = random_calib(fp, cfg.calib_rows, cfg.steps, seed)
     cells = prepare_cells(fp, calib, bench)
+    load = {"start": machine_load()}  # contention beside the timings: the latency table flags it
     time_cells(cells, cfg, calib.schedule[len(calib.schedule) // 2])
+    load["end"] = machine_load()
     fp_bytes = fp32_weight_bytes(fp.net)
-    env = collect_environment()
+    env = {**collect_environment(), "load": load, "under_load": under_load(load)}
     store = None if cfg.store == "none" else ResultsStore(Path(cfg.store))
     rows = []
     for cell in cells:

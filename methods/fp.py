@@ -6,6 +6,7 @@ from harness.calibration import CalibData
 from harness.models.base import DiffusionModel
 from methods.base import METHODS, Method, MethodReport
 from methods.engine.modules import QuantSpec
+from methods.settings import MethodSettings
 
 
 @METHODS.register("fp")
@@ -13,6 +14,7 @@ class FullPrecision(Method):
     """Leaves the network as it is; calibration data is not used."""
 
     name = "fp"
+    Settings = MethodSettings
 
     def quantize_net(self, model: DiffusionModel, calib: CalibData, spec: QuantSpec) -> MethodReport:
         return MethodReport(keep_fp=["*"], details={"note": "full precision, nothing quantized"})

@@ -10,6 +10,7 @@ and learned (LSQ) activation step sizes jointly, with QDrop (drop probability 0.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,7 @@ from methods.engine.calibrate import calibrate_activations
 from methods.engine.modules import QuantSpec
 from methods.engine.reconstruction import ReconConfig, reconstruct_model
 from methods.rtn import finish, insert_quantizers, method_spec
+from methods.settings import ReconSettings, bounded
 
 
 def draw_timesteps(visited: list[int], num_train_timesteps: int, n_rows: int, mean: float, std: float,
@@ -48,9 +50,19 @@ def normal_timestep_rows(calib: CalibData, n_rows: int, mean: float, std: float,
     return calib.subset(torch.cat(chosen).sort().values)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PTQ4DMSettings(ReconSettings):
+    """The keys of conf/method/ptq4dm.yaml (top level and recipes), checked before anything loads."""
+
+    t_mean: float
+    t_std: float = bounded(lo=0.0)
+    calib_rows: int = bounded(lo=1)
+
+
 @METHODS.register("ptq4dm")
 class PTQ4DM(Method):
     name = "ptq4dm"
+    Settings = PTQ4DMSettings
 
     def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
         """The largest number of draws that land on one timestep (the same seeded draw as quantize)."""

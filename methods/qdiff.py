@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,7 @@ from methods.engine.calibrate import batch_inputs, calibrate_activations, net_de
 from methods.engine.modules import QuantSpec, quant_layers, set_act_mode
 from methods.engine.reconstruction import ReconConfig, reconstruct_model
 from methods.rtn import finish, insert_quantizers, method_spec
+from methods.settings import ReconSettings, bounded
 
 
 def uniform_step_rows(calib: CalibData, n_steps: int, samples_per_step: int, seed: int) -> CalibData:
@@ -41,9 +43,20 @@ def uniform_step_rows(calib: CalibData, n_steps: int, samples_per_step: int, see
     return calib.subset(torch.cat(chosen).sort().values)
 
 
+@dataclass(frozen=True, kw_only=True)
+class QDiffSettings(ReconSettings):
+    """The keys of conf/method/qdiff.yaml (top level and recipes), checked before anything loads."""
+
+    split_shortcut: bool = True
+    n_steps: int = bounded(lo=1)
+    samples_per_step: int = bounded(lo=1)
+    act_iters: int = bounded(lo=0)
+
+
 @METHODS.register("qdiff")
 class QDiffusion(Method):
     name = "qdiff"
+    Settings = QDiffSettings
 
     def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
         return int(self.cfg["samples_per_step"])

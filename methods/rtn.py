@@ -8,7 +8,7 @@ measures the method and not what was quantized.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from methods.base import METHODS, Method, MethodReport, check_rows
 from methods.engine.attention import quantize_attention
 from methods.engine.calibrate import calibrate_activations
 from methods.engine.modules import QuantSpec, act_quantizers, freeze_weights, quant_layers, quantize_layers
+from methods.settings import RANGE_INITS, MethodSettings, bounded, choice
 
 
 def method_spec(spec: QuantSpec, cfg: dict[str, Any]) -> QuantSpec:
@@ -59,11 +60,23 @@ def finish(model: DiffusionModel) -> dict[str, Any]:
     return {"act_quantizers_off": off}
 
 
+@dataclass(frozen=True, kw_only=True)
+class RTNSettings(MethodSettings):
+    """The keys of conf/method/rtn.yaml (top level and recipes), checked before anything loads."""
+
+    weight_init: str = choice("minmax", RANGE_INITS)
+    act_init: str = choice("minmax", RANGE_INITS)
+    quant_attention: bool = True
+    calib_rows: int = bounded(lo=1)
+    batch_size: int = bounded(lo=1)
+
+
 @METHODS.register("rtn")
 class RTN(Method):
     """Min-max weights per channel, min-max activations per tensor, nothing learned."""
 
     name = "rtn"
+    Settings = RTNSettings
 
     def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
         return -(-int(self.cfg["calib_rows"]) // len(schedule))  # rows drawn over all steps

@@ -31,8 +31,9 @@ from methods.engine.calibrate import batch_inputs, calibrate_activations, net_de
 from methods.engine.context import install_timestep_context
 from methods.engine.modules import QuantSpec, quant_layers, set_act_mode
 from methods.engine.reconstruction import ReconConfig, reconstruct_model
-from methods.qdiff import uniform_step_rows
+from methods.qdiff import QDiffSettings, uniform_step_rows
 from methods.rtn import finish, insert_quantizers, method_spec
+from methods.settings import bounded, choice
 from methods.temporal.cache import build_caches, install_caches, skip_embedders
 from methods.temporal.fsc import (
     FSC_SCOPES,
@@ -169,12 +170,29 @@ def _split_shortcuts(model: DiffusionModel, rows: CalibData) -> list[str]:
     return enable_skip_split(model.net, splits)
 
 
+@dataclass(frozen=True, kw_only=True)
+class TFMQSettings(QDiffSettings):
+    """The keys of conf/method/tfmq.yaml (top level and recipes), checked before anything loads;
+    `TfmqToggles` then checks that the variant agrees with the toggles."""
+
+    variant: str | None = choice("select", (*VARIANTS, None))
+    tiar: bool
+    fsc: bool
+    fsc_scope: str = choice("all", FSC_SCOPES)
+    cache: bool
+    select: bool
+    fsc_samples_per_step: int = bounded(lo=1)
+    tiar_iters: int = bounded(lo=0)
+    tiar_batch_size: int = bounded(lo=1)
+
+
 @METHODS.register("tfmq")
 class TFMQ(Method):
     """Q-Diffusion + TIAR + FSC (TIB-based maintenance) + cache + disturbance-aware selection."""
 
     name = "tfmq"
     full_variant = "select"
+    Settings = TFMQSettings
 
     def __init__(self, cfg: dict[str, Any], recipe: str = "quick") -> None:
         super().__init__(cfg, recipe)

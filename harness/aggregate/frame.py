@@ -38,10 +38,22 @@ def _derive(record: RunRecord) -> RunRecord:
     return replace(record, metrics={**record.metrics, **extra})
 
 
+def finite_only(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """Leave out, with a warning, finished records holding a NaN or inf metric: records written before
+    the runner failed such runs (a diverged model) must never reach a table as a number."""
+    bad = [r for r in records if not all(math.isfinite(v) for v in r.metrics.values())]
+    if bad:
+        warnings.warn(f"{len(bad)} finished record(s) hold non-finite metrics and are left out of the tables: "
+                      f"{[r.run_id for r in bad]}", stacklevel=2)
+    return [r for r in records if all(r is not b for b in bad)]
+
+
 def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
-    """Finished records as a DataFrame with axis columns as plain strings ('' = not set)."""
-    finished = [_derive(r) for r in records if r.finished]
+    """Finished records with finite metrics as a DataFrame with axis columns as plain strings ('' = not
+    set) and `under_load`: whether the run's timings were measured under contention."""
+    finished = [_derive(r) for r in finite_only([r for r in records if r.finished])]
     frame = records_to_dataframe(finished)
+    frame["under_load"] = [bool(r.environment.get("under_load", False)) for r in finished]
     for axis in AXES:
         frame[axis] = frame[axis].astype(object).where(frame[axis].notna(), "").astype(str)
     frame.loc[frame["method"] == FP_METHOD, "bits"] = FP_BITS

@@ -50,7 +50,7 @@ def to_markdown(table: Table) -> str:
         n = [str(row.n)] if table.show_n else []
         text = [v.replace("|", "\\|") for v in (*group, *row.label)]
         lines.append("| " + " | ".join([*text, *n, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(f"\n{note}\n" for note in table.notes)
 
 
 def tex_escape(text: str) -> str:
@@ -65,6 +65,7 @@ def tex_escape(text: str) -> str:
 def to_latex(table: Table, caption: str | None = None, standalone: bool = False) -> str:
     """A booktabs tabular (wrapped in a table float with caption); `standalone` adds a preamble."""
     n_cols = len(table.group_cols) + len(table.label_cols) + int(table.show_n)
+    caption = " ".join(filter(None, (caption, *table.notes))) or None
     head = [*table.group_cols, *table.label_cols, *(["$n$"] if table.show_n else []),
             *(tex_escape(m.display) + _TEX_ARROW[m.arrow] for m in table.metrics)]
     body = []

@@ -22,6 +22,9 @@ AXIS_TITLES = {"model": "Model", "bits": "Bits", "method": "Method", "variant": 
 METHOD_LABELS = {"fp": "FP", "rtn": "RTN", "ptq4dm": "PTQ4DM", "qdiff": "Q-Diffusion", "tfmq": "TFMQ-DM"}
 METHOD_ORDER = ("fp", "rtn", "ptq4dm", "qdiff", "tfmq")  # reference, baselines, the star method last
 FULL_VARIANT = "full"
+LOAD_MARK = "*"
+LOAD_NOTE = ("*: measured under load (another harness process was running, or the load average exceeded "
+             "the core count); its latencies are inflated")
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
 
 
@@ -48,6 +51,7 @@ class Table:
     label_cols: tuple[str, ...]
     metrics: tuple[MetricInfo, ...]
     rows: tuple[Row, ...]
+    notes: tuple[str, ...] = ()  # printed under the table / in the LaTeX caption
 
     @property
     def show_n(self) -> bool:
@@ -135,15 +139,18 @@ def build_table(frame: pd.DataFrame, name: str, metrics: Sequence[str], group_by
     for values, part in frame.groupby(keys, sort=False, dropna=False):
         g, r = values[: len(group_by)], values[len(group_by):]
         cells = tuple(_cell(part[k]) if k in part else Cell(None, None, 0) for k in metrics)
-        row = Row(tuple(_display(a, v) for a, v in zip(group_by, g, strict=True)),
-                  tuple(_display(a, v) for a, v in zip(row_by, r, strict=True)), len(part), cells)
+        label = tuple(_display(a, v) for a, v in zip(row_by, r, strict=True))
+        if name == "latency" and "under_load" in part and part["under_load"].any():
+            label = (*label[:-1], label[-1] + LOAD_MARK)  # timings contended: see LOAD_NOTE
+        row = Row(tuple(_display(a, v) for a, v in zip(group_by, g, strict=True)), label, len(part), cells)
         gkey = tuple(sort_key(a, v) for a, v in zip(group_by, g, strict=True))
         groups.setdefault(gkey, []).append((tuple(sort_key(a, v) for a, v in zip(row_by, r, strict=True)), row))
     rows: list[Row] = []
     for gkey in sorted(groups):
         rows += _bold_best([row for _, row in sorted(groups[gkey], key=lambda kr: kr[0])], infos)
+    loaded = any(r.label and r.label[-1].endswith(LOAD_MARK) for r in rows)
     return Table(name, tuple(AXIS_TITLES[a] for a in group_by), tuple(AXIS_TITLES[a] for a in row_by), infos,
-                 tuple(rows))
+                 tuple(rows), (LOAD_NOTE,) if loaded else ())
 
 
 # kind -> (group_by, row_by): the layout of each table the aggregator writes.

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from harness.finite import check_finite
 from harness.registry import Registry
 
 FEATURE_KEYS = ("pooled", "spatial", "logits")
@@ -100,6 +101,8 @@ def images_to_features(
     for s in tqdm(starts, desc=desc or f"{extractor.name} features", disable=not progress, leave=False):
         with torch.no_grad():
             parts.append(extractor.extract_batch(images[s : s + batch_size].to(extractor.device)))
+        for key, t in parts[-1].tensors().items():  # a NaN feature would become a plausible FID
+            check_finite(t, f"{extractor.name} features ({key}) of images {s}..{s + len(t) - 1}")
     return Features.cat(parts)
 
 
