@@ -83,6 +83,9 @@ def _reference(cfg: Mapping) -> str:
     v = cfg.get("reference")
     if v in REFERENCES:
         return v
+    if v is None or v == "???":  # the paper presets leave it to the user (null: ??? cannot override in a merge)
+        raise ValueError(f"<eval.reference={v}> must be given: the paper presets compare against the user's "
+                         "reference data, e.g. eval.reference=/data/cifar10_train (see the preset's comments)")
     if not isinstance(v, str) or not v:
         raise ValueError(f"<eval.reference={v}> must be one of {', '.join(REFERENCES)} or a path")
     from harness.metrics.reference_data import reference_format

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.aggregate.frame import filter_frame, records_frame
+from harness.aggregate.paper import PAPER_DIR, paper_table, read_paper_numbers
 from harness.aggregate.plots import plot_temporal_error
 from harness.aggregate.render import RENDERERS
 from harness.aggregate.table import LAYOUTS, make_table
@@ -28,8 +29,9 @@ def _csv_list(text: str | None) -> list[str]:
 
 def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics: Sequence[str] = (),
               kinds: Sequence[str] = tuple(LAYOUTS), model: Sequence[str] = (), bits: Sequence[str] = (),
-              method: Sequence[str] = ()) -> list[Path]:
-    """Write <out>/<kind>.<ext> for every kind with records, and the TFE plot; returns the paths."""
+              method: Sequence[str] = (), paper: Path | None = None) -> list[Path]:
+    """Write <out>/<kind>.<ext> for every kind with records, and the TFE plot; with `paper` (a folder of
+    published numbers, results/paper), also <out>/paper.<ext>: those numbers beside the measured rows."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
@@ -46,6 +48,13 @@ def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics:
             out.mkdir(parents=True, exist_ok=True)
             path.write_text(render(table), encoding="utf-8")
             written.append(path)
+    if paper is not None:
+        table = paper_table(frame, read_paper_numbers(paper), tuple(metrics))
+        for fmt in formats:
+            render, ext = RENDERERS[fmt]
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"paper.{ext}").write_text(render(table), encoding="utf-8")
+            written.append(out / f"paper.{ext}")
     if "quality" in kinds:
         kept = set(frame["run_id"])
         plot = plot_temporal_error([r for r in records if r.run_id in kept], out / PLOT_FILE)
@@ -63,6 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="comma list of models to keep")
     p.add_argument("--bits", help="comma list of bit-widths to keep (FP rows are always kept)")
     p.add_argument("--method", help="comma list of methods to keep")
+    p.add_argument("--paper", nargs="?", type=Path, const=PAPER_DIR, default=None, metavar="DIR",
+                   help=f"also write paper.<ext>: published numbers (default {PAPER_DIR}) beside the measured rows")
     return p.parse_args(argv)
 
 
@@ -74,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             written = aggregate(args.store, args.out, formats, _csv_list(args.metrics),
                                 _csv_list(args.kind) or list(LAYOUTS), _csv_list(args.model),
-                                _csv_list(args.bits), _csv_list(args.method))
+                                _csv_list(args.bits), _csv_list(args.method), args.paper)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
