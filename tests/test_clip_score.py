@@ -77,3 +77,26 @@ def test_prompts_per_sample_and_clear_errors(clip_folder: Path, tmp_path: Path) 
         clip_score(torch.zeros(2, 3, 8, 8), ["a cat"], clip_folder)
     with pytest.raises(FileNotFoundError, match="is not a transformers CLIP folder"):
         clip_score(torch.zeros(1, 3, 8, 8), ["a cat"], tmp_path)
+
+
+def test_text_to_image_run_records_clip_score(clip_folder: Path, tmp_path: Path) -> None:
+    """End to end: a tiny text-to-image pipeline samples decoded images for its prompts and the run's
+    record carries their CLIP score against those prompts."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.models.tiny import build
+    from harness.runner import run
+
+    pipeline = build("t2i", tmp_path / "t2i")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na red dog\n")
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=tiny_t2i", f"model.path={pipeline}", "method=fp", "eval=smoke", "logger=none", "sampler.steps=2",
+            "eval.temporal=false", f"++eval.prompts={prompts}", f"eval.clip_model={clip_folder}",
+            f"paths.store={tmp_path / 'store'}", f"paths.artifacts={tmp_path / 'artifacts'}",
+            f"paths.outputs={tmp_path / 'out'}"])
+    rec = run(cfg)
+    assert rec.status == "finished", rec.traceback
+    assert 0 <= rec.metrics["clip_score"] <= 100
