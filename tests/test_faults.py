@@ -201,7 +201,7 @@ class Background:
     sweeps: list[subprocess.Popen]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def background(tmp_path_factory: pytest.TempPathFactory) -> Iterable[Background]:
     """The kill worker and two concurrent sweeps on one store, running while the in-process tests do."""
     root = tmp_path_factory.mktemp("background")
@@ -223,7 +223,8 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Iterable[Background]
 
 # --- in-process faults
 
-def test_corrupt_artifact_is_reported_and_rebuilt(baseline, tmp_path: Path) -> None:
+def test_corrupt_artifact_is_reported_and_rebuilt(background, baseline, tmp_path: Path) -> None:
+    """(Asks for `background` only to start it first: its processes overlap the in-process tests.)"""
     root, rec = baseline
     _clone(root, tmp_path)
     calib = next((tmp_path / "artifacts").glob("calibration*/*.safetensors"))
@@ -335,6 +336,20 @@ def test_unreachable_wandb_falls_back_offline_after_the_record(baseline, tmp_pat
     assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "the run is kept offline for `wandb sync`"
     assert elapsed < 120, f"bounded: took {elapsed:.0f} s"
     audit(tmp_path / "store", keep=[rec])
+
+
+def test_old_finished_records_with_non_finite_metrics_stay_out_of_tables(tmp_path: Path) -> None:
+    """Records written before the runner failed diverged runs: the aggregator warns and leaves them out."""
+    store = ResultsStore(tmp_path / "store")
+    for rid, method, fid in (("good", "fp", 5.0), ("diverged", "rtn", float("nan"))):
+        store.write(RunRecord(rid, "tiny_unet", method, "w32a32" if method == "fp" else "w8a8", status="finished",
+                              metrics={"fid": fid}))
+    _fault()
+    with pytest.warns(UserWarning, match=r"non-finite metrics and are left out of the tables: \['diverged'\]"):
+        aggregate(tmp_path / "store", tmp_path / "tables", formats=["md"])
+    table = (tmp_path / "tables" / "quality.md").read_text()
+    assert "FP" in table and "RTN" not in table and "nan" not in table.lower()
+    assert store_main(["verify", "--store", str(tmp_path / "store")]) == 1, "verify reports it as a problem"
 
 
 def test_latency_cells_measured_under_load_are_flagged() -> None:

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
+from harness.callbacks import AggregateTables, ledger_path, read_ledger, summary
 from harness.models.zoo import load_model
 from harness.runner import run
 from harness.store import ResultsStore
@@ -110,3 +112,35 @@ def test_failing_forced_rerun_keeps_the_finished_record(tmp_path: Path) -> None:
     assert [a["status"] for a in kept.attempts] == ["failed"] and kept.attempts[0]["error"] == failed.error
     assert {"start", "end"} <= set(first.environment["load"]) and "under_load" in first.environment
     assert first.environment["load"]["start"]["cpu_count"] >= 1
+
+
+def _hydra_node(tmp: Path, mode: RunMode) -> DictConfig:
+    return OmegaConf.create({"hydra": {"mode": mode, "run": {"dir": str(tmp / "run")},
+                                       "sweep": {"dir": str(tmp / "sweep")}}, "paths": {"store": str(tmp / "store")}})
+
+
+def test_single_run_exits_non_zero_when_a_run_of_it_failed(tmp_path: Path, capsys) -> None:
+    cfg = _hydra_node(tmp_path, RunMode.RUN)
+    callback = AggregateTables()
+    callback.on_run_start(cfg)
+    ledger = ledger_path(cfg.hydra)
+    assert ledger == tmp_path / "run" / "runs.jsonl"
+    run(_cfg(tmp_path, "method=rtn", "sampler.steps=0"), ledger=ledger)
+    with pytest.raises(SystemExit) as exit_:
+        callback.on_run_end(cfg)
+    assert exit_.value.code == 1
+    out = capsys.readouterr().out
+    assert "summary: 1 runs: 0 finished, 1 failed, 0 resumed" in out and "<sampler.steps=0>" in out
+    callback.on_run_start(cfg)  # a new invocation starts a new ledger
+    callback.on_run_end(cfg)  # nothing failed: returns, exit code 0
+    assert "summary: 0 runs" in capsys.readouterr().out
+
+
+def test_sweep_summary_counts_resumed_and_failed_runs(tmp_path: Path) -> None:
+    ledger = tmp_path / "runs.jsonl"
+    run(_cfg(tmp_path, "method=fp"), ledger=ledger)
+    run(_cfg(tmp_path, "method=fp"), ledger=ledger)
+    run(_cfg(tmp_path, "method=rtn", "+method.calib_rows=abc"), ledger=ledger)
+    text, failed = summary(read_ledger(ledger), ledger)
+    assert failed and text.startswith("summary: 3 runs: 1 finished, 1 failed, 1 resumed")
+    assert "FAILED" in text and "<method.calib_rows=abc> must be an integer >= 1" in text
