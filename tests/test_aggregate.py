@@ -24,9 +24,18 @@ from harness.store import ResultsStore, RunRecord
 STEPS = [900, 600, 300, 0]
 
 
+def _with_ci(metrics: dict[str, float], half: float = 0.05) -> dict[str, float]:
+    """The metrics with a bootstrap CI of +- `half` around each, as a run records them (issue 13)."""
+    out = dict(metrics, ci_level=0.95, ci_resamples=200.0)
+    for k, v in metrics.items():
+        out[f"{k}_ci_lo"], out[f"{k}_ci_hi"] = v - half, v + half
+    return out
+
+
 def _rec(i: int, model: str, method: str, bits: str, seed: int = 0, variant: str | None = None,
          kind: str = "quality", backend: str = "fake", status: str = "finished", **metrics: float) -> RunRecord:
     curves = {} if method == "fp" else {"timesteps": STEPS, "temporal_feature_error": [0.4, 0.3, 0.2, 0.1 * i]}
+    metrics = _with_ci(metrics) if kind == "quality" and metrics else metrics
     return RunRecord(f"r{i:02d}", model, method, bits, kind=kind, status=status, seed=seed, variant=variant,
                      backend=backend, sampler="ddim", metrics=metrics, curves=curves,
                      created=f"2026-01-01T00:00:{i:02d}+00:00")
@@ -61,19 +70,25 @@ def frame() -> pd.DataFrame:
 GOLDEN_QUALITY = """\
 | Model | Bits | Method | n | FID↓ | sFID↓ | IS↑ | TFE↓ |
 |---|---|---|---|---:|---:|---:|---:|
-| cifar | w32a32 | FP | 1 | 18.00 | – | 7.50 | – |
-|  | w4a8 | TFMQ-DM | 1 | 20.00 | – | 7.00 | 0.4250 |
-| ddpm_mnist | w32a32 | FP | 1 | 5.00 | 6.00 | 9.10 | – |
-|  | w8a8 | RTN | 1 | 6.50 | **7.00** | 9.00 | **0.3500** |
-|  |  | TFMQ-DM | 1 | **6.10** | **7.00** | **9.05** | 0.3750 |
-|  | w4a8 | RTN | 1 | 12.00 | **10.50** | 8.00 | 0.3000 |
-|  |  | Q-Diffusion | 1 | 10.00 | 12.00 | **8.95** | 0.3250 |
-|  |  | TFMQ-DM | 2 | **9.30 ± 0.14** | 11.10 ± 0.14 | 8.80 ± 0.14 | **0.2625 ± 0.0177** |
+| cifar | w32a32 | FP | 1 | 18.00 ± 0.05 | – | 7.50 ± 0.05 | – |
+|  | w4a8 | TFMQ-DM | 1 | 20.00 ± 0.05 | – | 7.00 ± 0.05 | 0.4250 |
+| ddpm_mnist | w32a32 | FP | 1 | 5.00 ± 0.05 | 6.00 ± 0.05 | 9.10 ± 0.05 | – |
+|  | w8a8 | RTN | 1 | 6.50 ± 0.05 | 7.00 ± 0.05 ≈ | 9.00 ± 0.05 ≈ | 0.3500 |
+|  |  | TFMQ-DM | 1 | **6.10 ± 0.05** | 7.00 ± 0.05 ≈ | 9.05 ± 0.05 ≈ | 0.3750 |
+|  | w4a8 | RTN | 1 | 12.00 ± 0.05 | **10.50 ± 0.05** | 8.00 ± 0.05 | 0.3000 |
+|  |  | Q-Diffusion | 1 | 10.00 ± 0.05 | 12.00 ± 0.05 | **8.95 ± 0.05** | 0.3250 |
+|  |  | TFMQ-DM | 2 | **9.30 ± 0.14** | 11.10 ± 0.14 | 8.80 ± 0.14 | 0.2625 ± 0.0177 |
 """
 
 
 def test_golden_quality_markdown(frame: pd.DataFrame) -> None:
-    assert to_markdown(make_table(frame, "quality")) == GOLDEN_QUALITY
+    table = make_table(frame, "quality")
+    md = to_markdown(table)
+    assert md.startswith(GOLDEN_QUALITY) and md[len(GOLDEN_QUALITY):] == "".join(f"\n{n}\n" for n in table.notes)
+    assert table.notes[0] == ("Cells: mean ± std over seeds (n > 1); value ± half-width of its 95 % bootstrap CI "
+                              "over the eval samples (n = 1, 200 resamples).")
+    assert table.notes[1].startswith("Bold: significantly better than every other row of its group at alpha = 0.05 "
+                                     "(tests: the runs' bootstrap intervals;")
 
 
 def test_fp_first_per_model_and_bits_order(frame: pd.DataFrame) -> None:
@@ -100,8 +115,11 @@ def test_seeds_give_mean_std_and_n(frame: pd.DataFrame) -> None:
     assert row.n == 2 and row.cells[0].mean == pytest.approx(9.3)
     assert row.cells[0].std == pytest.approx(0.1414, abs=1e-4)
     single = records_frame([r for r in _records() if r.run_id != "r02"])
-    md = to_markdown(make_table(single, "quality"))
-    assert "±" not in md and "| n |" not in md, "no std and no n column with one seed per row"
+    table = make_table(single, "quality")
+    assert "| n |" not in to_markdown(table), "no n column with one seed per row"
+    shown = [(m.key, c) for r in table.rows for m, c in zip(table.metrics, r.cells, strict=True) if c.mean is not None]
+    assert all(c.std is None for _, c in shown), "no std with one seed"
+    assert all((c.ci is not None) == (key != "tfe") for key, c in shown), "a single run shows its bootstrap CI"
 
 
 def test_filters_keep_fp_as_reference(frame: pd.DataFrame) -> None:
@@ -157,7 +175,7 @@ def test_ablation_and_latency_tables(frame: pd.DataFrame) -> None:
 def test_latex_structure_and_escaping(frame: pd.DataFrame) -> None:
     tex = to_latex(make_table(frame, "quality"), caption="W4A8 & co_1")
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"FID$\downarrow$" in tex and r"IS$\uparrow$" in tex
-    assert r"ddpm\_mnist" in tex and r"\textbf{9.30$\pm$0.14}" in tex and r"\caption{W4A8 \& co\_1}" in tex
+    assert r"ddpm\_mnist" in tex and r"\textbf{9.30$\pm$0.14}" in tex and r"\caption{W4A8 \& co\_1. Cells: mean" in tex
     assert tex.count(r"\midrule") == 2 and tex.count(r"\cmidrule") == 3
     assert tex_escape(r"a_b%c$d#e{f}g~h^i\j") == (r"a\_b\%c\$d\#e\{f\}g\textasciitilde{}h"
                                                  r"\textasciicircum{}i\textbackslash{}j")
@@ -174,7 +192,8 @@ def test_latex_compiles_with_pdflatex(frame: pd.DataFrame, tmp_path: Path) -> No
 
 def test_csv_has_raw_means_and_stds(frame: pd.DataFrame) -> None:
     df = pd.read_csv(io.StringIO(to_csv(make_table(frame, "quality", ["fid", "is"]))))
-    assert list(df.columns) == ["Model", "Bits", "Method", "n", "fid", "fid_std", "is", "is_std"]
+    assert list(df.columns) == ["Model", "Bits", "Method", "n", *(f"{k}{s}" for k in ("fid", "is")
+                                                                   for s in ("", "_std", "_ci_lo", "_ci_hi", "_mark"))]
     tfmq = df[(df["Model"] == "ddpm_mnist") & (df["Bits"] == "w4a8") & (df["Method"] == "TFMQ-DM")].iloc[0]
     assert tfmq["fid"] == pytest.approx(9.3) and tfmq["fid_std"] == pytest.approx(0.141421, abs=1e-6)
     assert tfmq["n"] == 2 and len(df) == 8
@@ -206,7 +225,7 @@ def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, caps
         "temporal_feature_error.png"]
     assert all(f"wrote {out / n}" in printed.out for n in names)
     assert "broken.json" in printed.err
-    assert (out / "quality.md").read_text() == GOLDEN_QUALITY
+    assert (out / "quality.md").read_text().startswith(GOLDEN_QUALITY)
 
     assert main(["--store", str(store.root), "--out", str(tmp_path / "t2"), "--format", "md",
                  "--kind", "quality", "--bits", "w8a8", "--metrics", "fid"]) == 0

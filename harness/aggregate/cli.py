@@ -16,6 +16,7 @@ from harness.aggregate.frame import filter_frame, records_frame
 from harness.aggregate.paper import PAPER_DIR, paper_table, read_paper_numbers
 from harness.aggregate.plots import plot_temporal_error
 from harness.aggregate.render import RENDERERS
+from harness.aggregate.significance import ALPHA, Evidence
 from harness.aggregate.table import LAYOUTS, make_table
 from harness.store import ResultsStore
 
@@ -29,17 +30,20 @@ def _csv_list(text: str | None) -> list[str]:
 
 def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics: Sequence[str] = (),
               kinds: Sequence[str] = tuple(LAYOUTS), model: Sequence[str] = (), bits: Sequence[str] = (),
-              method: Sequence[str] = (), paper: Path | None = None) -> list[Path]:
+              method: Sequence[str] = (), paper: Path | None = None, alpha: float = ALPHA) -> list[Path]:
     """Write <out>/<kind>.<ext> for every kind with records, and the TFE plot; with `paper` (a folder of
-    published numbers, results/paper), also <out>/paper.<ext>: those numbers beside the measured rows."""
+    published numbers, results/paper), also <out>/paper.<ext>: those numbers beside the measured rows.
+    `alpha` is the level of the significance marks (paired tests read each run's saved features)."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
     records = ResultsStore(store).records()
     frame = filter_frame(records_frame(records), model=model, bits=bits, method=method)
+    evidence = Evidence({r.run_id: Path(r.artifacts["eval_features"]) for r in records
+                         if "eval_features" in r.artifacts})
     written: list[Path] = []
     for kind in kinds:
-        table = make_table(frame, kind, metrics)
+        table = make_table(frame, kind, metrics, alpha, evidence)
         if not table.rows:
             continue
         for fmt in formats:
@@ -72,6 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="comma list of models to keep")
     p.add_argument("--bits", help="comma list of bit-widths to keep (FP rows are always kept)")
     p.add_argument("--method", help="comma list of methods to keep")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="significance level of bold / tie marks")
     p.add_argument("--paper", nargs="?", type=Path, const=PAPER_DIR, default=None, metavar="DIR",
                    help=f"also write paper.<ext>: published numbers (default {PAPER_DIR}) beside the measured rows")
     return p.parse_args(argv)
@@ -85,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             written = aggregate(args.store, args.out, formats, _csv_list(args.metrics),
                                 _csv_list(args.kind) or list(LAYOUTS), _csv_list(args.model),
-                                _csv_list(args.bits), _csv_list(args.method), args.paper)
+                                _csv_list(args.bits), _csv_list(args.method), args.paper, args.alpha)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

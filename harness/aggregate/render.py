@@ -1,7 +1,10 @@
 """Table -> Markdown, booktabs LaTeX (compiles with pdflatex) and CSV (raw numbers, for reuse).
 
 Markdown and LaTeX follow the papers: a group's model and bit-width are written on its first row
-only, best values bold, arrows in headers, `mean ± std` when several seeds exist (n column).
+only, significantly best values bold, ties marked ≈, FID cells whose ordering an unbiased metric
+contradicts marked ‡, arrows in headers, `mean ± std` when several seeds exist (n column) and
+`value ± CI half-width` for a single run with a bootstrap CI; the table's notes follow it (Markdown)
+or form its caption (LaTeX).
 """
 
 from __future__ import annotations
@@ -20,9 +23,21 @@ _TEX_SPECIAL = re.compile(r"([&%$#_{}])|(\\)|(~)|(\^)")
 _TEX_ARROW = {"↑": r"$\uparrow$", "↓": r"$\downarrow$", "": ""}
 
 
+MARKS = {"md": (" ≈", " ‡"), "tex": (r"$\approx$", r"$^\ddagger$")}
+
+
 def _cell_text(cell: Cell, info: MetricInfo, pm: str) -> str:
     text = info.format(cell.mean)
-    return f"{text}{pm}{info.format_std(cell.mean, cell.std)}" if cell.std is not None else text
+    if cell.std is not None:
+        return f"{text}{pm}{info.format_std(cell.mean, cell.std)}"
+    if cell.ci is not None:
+        return f"{text}{pm}{info.format_std(cell.mean, (cell.ci[1] - cell.ci[0]) / 2)}"
+    return text
+
+
+def _marked(text: str, cell: Cell, fmt: str) -> str:
+    tie, flag = MARKS[fmt]
+    return text + (tie if cell.tie else "") + (flag if cell.flag else "")
 
 
 def _shown_groups(table: Table) -> list[tuple[str, ...]]:
@@ -46,7 +61,7 @@ def to_markdown(table: Table) -> str:
         cells = []
         for cell, info in zip(row.cells, table.metrics, strict=True):
             text = MISSING_MD if cell.mean is None else _cell_text(cell, info, " ± ")
-            cells.append(f"**{text}**" if cell.bold else text)
+            cells.append(_marked(f"**{text}**" if cell.bold else text, cell, "md"))
         n = [str(row.n)] if table.show_n else []
         text = [v.replace("|", "\\|") for v in (*group, *row.label)]
         lines.append("| " + " | ".join([*text, *n, *cells]) + " |")
@@ -62,10 +77,19 @@ def tex_escape(text: str) -> str:
     return _TEX_SPECIAL.sub(sub, text)
 
 
+def _tex_text(text: str) -> str:
+    """Escape prose that already holds math ($...$) for LaTeX: only the text outside $...$ is escaped."""
+    pieces = text.split("$")
+    return "$".join(p if i % 2 else tex_escape(p).replace("±", r"$\pm$") for i, p in enumerate(pieces))
+
+
 def to_latex(table: Table, caption: str | None = None, standalone: bool = False) -> str:
-    """A booktabs tabular (wrapped in a table float with caption); `standalone` adds a preamble."""
+    """A booktabs tabular (wrapped in a table float with caption); `standalone` adds a preamble.
+
+    The table's notes (what ± and the marks mean) are appended to the caption."""
+    notes = " ".join(table.notes).replace("≈", "$\\approx$").replace("‡", "$\\ddagger$").replace("∞", "$_\\infty$")
+    caption = ". ".join(t for t in (caption and tex_escape(caption).rstrip("."), notes and _tex_text(notes)) if t)
     n_cols = len(table.group_cols) + len(table.label_cols) + int(table.show_n)
-    caption = " ".join(filter(None, (caption, *table.notes))) or None
     head = [*table.group_cols, *table.label_cols, *(["$n$"] if table.show_n else []),
             *(tex_escape(m.display) + _TEX_ARROW[m.arrow] for m in table.metrics)]
     body = []
@@ -77,13 +101,13 @@ def to_latex(table: Table, caption: str | None = None, standalone: bool = False)
         cells = []
         for cell, info in zip(row.cells, table.metrics, strict=True):
             text = MISSING_TEX if cell.mean is None else _cell_text(cell, info, r"$\pm$")
-            cells.append(rf"\textbf{{{text}}}" if cell.bold else text)
+            cells.append(_marked(rf"\textbf{{{text}}}" if cell.bold else text, cell, "tex"))
         n = [str(row.n)] if table.show_n else []
         body.append(" & ".join([*map(tex_escape, group), *map(tex_escape, row.label), *n, *cells]) + r" \\")
         prev = row.group
     lines = [
         r"\begin{table}[t]", r"\centering",
-        *([rf"\caption{{{tex_escape(caption)}}}"] if caption else []),
+        *([rf"\caption{{{caption}}}"] if caption else []),
         r"\begin{tabular}{" + "l" * n_cols + "r" * len(table.metrics) + "}",
         r"\toprule", " & ".join(head) + r" \\", r"\midrule", *body, r"\bottomrule",
         r"\end{tabular}", r"\end{table}",
@@ -95,7 +119,8 @@ def to_latex(table: Table, caption: str | None = None, standalone: bool = False)
 
 
 def to_csv(table: Table) -> str:
-    """One line per row with every group/label value, n, and each metric's mean and std (raw units)."""
+    """One line per row with every group/label value, n, and each metric's mean, std, bootstrap CI (single
+    runs) and mark (best / tie / empty) in raw units."""
     records = []
     for row in table.rows:
         rec: dict[str, object] = dict(zip(table.group_cols, row.group, strict=True))
@@ -104,9 +129,12 @@ def to_csv(table: Table) -> str:
         for cell, info in zip(row.cells, table.metrics, strict=True):
             rec[info.key] = cell.mean
             rec[f"{info.key}_std"] = cell.std
+            rec[f"{info.key}_ci_lo"], rec[f"{info.key}_ci_hi"] = cell.ci or (None, None)
+            rec[f"{info.key}_mark"] = "best" if cell.bold else "tie" if cell.tie else ""
         records.append(rec)
     columns = [*table.group_cols, *table.label_cols, "n",
-               *(c for m in table.metrics for c in (m.key, f"{m.key}_std"))]
+               *(c for m in table.metrics for c in (m.key, f"{m.key}_std", f"{m.key}_ci_lo", f"{m.key}_ci_hi",
+                                                    f"{m.key}_mark"))]
     buf = io.StringIO()
     pd.DataFrame(records, columns=columns).to_csv(buf, index=False, lineterminator="\n", float_format="%.10g")
     return buf.getvalue()

@@ -2,6 +2,10 @@
 
 Pure functions over the records DataFrame, so the structure (FP first, bold best, std only with
 several seeds) is tested without rendering; render.py turns a `Table` into LaTeX/Markdown/CSV.
+A cell carries its uncertainty: the std over seeds (n > 1) or the run's bootstrap CI (n = 1). The best
+value is bold only where significance.py finds it significantly better than every other row of its
+group; rows within noise of the best are ties; FID cells are flagged where FID and an unbiased metric
+disagree on an ordering. `Table.notes` says all of this in words (the caption).
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import difflib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 
 from harness.aggregate.frame import AXES, FP_BITS
 from harness.aggregate.metric_info import DEFAULT_METRICS, METRIC_INFO, MetricInfo, metric_info
+from harness.aggregate.significance import ALPHA, UNBIASED, Evidence, mark_group, ordering_flags
 
 AXIS_TITLES = {"model": "Model", "bits": "Bits", "method": "Method", "variant": "Variant",
                "backend": "Backend", "sampler": "Sampler"}
@@ -26,6 +31,10 @@ LOAD_MARK = "*"
 LOAD_NOTE = ("*: measured under load (another harness process was running, or the load average exceeded "
              "the core count); its latencies are inflated")
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
+_NOT_METRICS = re.compile(r"_ci_(lo|hi)$|^ci_(level|resamples)$")  # uncertainty columns, never table columns
+TEST_NAMES = {"paired bootstrap": "a paired bootstrap over the shared eval samples",
+              "CI": "the runs' bootstrap intervals", "seeds": "Welch's t-test over seeds",
+              "exact": "exact values (byte counts)"}
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,10 @@ class Cell:
     mean: float | None  # None: no run of this row reported the metric
     std: float | None  # sample std over seeds; None with fewer than two values
     n: int
-    bold: bool = False
+    bold: bool = False  # significantly better than every other row of the group
+    ci: tuple[float, float] | None = None  # bootstrap CI of a single run (n = 1)
+    tie: bool = False  # tied for best: the best, or within noise of it
+    flag: bool = False  # FID and the unbiased metric order this row differently against another
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,8 @@ def _display(axis: str, value: str) -> str:
 
 def present_metrics(frame: pd.DataFrame) -> list[str]:
     """Metric columns with at least one value in `frame`."""
-    return [c for c in frame.columns
-            if c not in AXES and frame[c].dtype.kind == "f" and frame[c].notna().any()]
+    return [c for c in frame.columns if c not in AXES and not _NOT_METRICS.search(c)
+            and frame[c].dtype.kind == "f" and frame[c].notna().any()]
 
 
 def check_metrics(frame: pd.DataFrame, requested: Sequence[str]) -> None:
@@ -104,53 +116,116 @@ def choose_metrics(part: pd.DataFrame, kind: str, requested: Sequence[str] = ())
     return chosen or present
 
 
-def _cell(values: pd.Series) -> Cell:
-    finite = [float(v) for v in values if pd.notna(v)]
+def _cell(part: pd.DataFrame, key: str) -> Cell:
+    if key not in part:
+        return Cell(None, None, 0)
+    finite = [float(v) for v in part[key] if pd.notna(v)]
     if not finite:
         return Cell(None, None, 0)
     mean = sum(finite) / len(finite)
     std = pd.Series(finite).std() if len(finite) > 1 else None
-    return Cell(mean, std, len(finite))
+    ci = None
+    lo, hi = f"{key}_ci_lo", f"{key}_ci_hi"
+    if len(finite) == 1 and lo in part and hi in part:
+        row = part[part[key].notna()].iloc[0]
+        ci = (float(row[lo]), float(row[hi])) if pd.notna(row[lo]) and pd.notna(row[hi]) else None
+    return Cell(mean, std, len(finite), ci=ci)
 
 
-def _bold_best(rows: list[Row], metrics: Sequence[MetricInfo]) -> list[Row]:
-    """Bold the best shown value of each metric among the rows of one group (ties all bold)."""
+def _mark(rows: list[Row], parts: list[pd.DataFrame], metrics: Sequence[MetricInfo], alpha: float,
+          evidence: Evidence | None) -> tuple[list[Row], set[str], str | None]:
+    """Significance marks and FID ordering flags for the rows of one group; also returns the tests
+    used and the unbiased metric compared with FID (None when no row was flagged)."""
     cells = [list(r.cells) for r in rows]
+    tests: set[str] = set()
     for j, info in enumerate(metrics):
-        shown = [(i, float(info.format(c[j].mean))) for i, c in enumerate(cells)
-                 if c[j].mean is not None and math.isfinite(c[j].mean)]
-        if info.higher_is_better is None or len(shown) < 2:
-            continue
-        best = (max if info.higher_is_better else min)(v for _, v in shown)
-        for i, v in shown:
-            if v == best:
-                cells[i][j] = Cell(cells[i][j].mean, cells[i][j].std, cells[i][j].n, bold=True)
-    return [Row(r.group, r.label, r.n, tuple(c)) for r, c in zip(rows, cells, strict=True)]
+        marks = mark_group(parts, info.key, info.higher_is_better, alpha, evidence)
+        tests |= marks.tests
+        for i in range(len(rows)):
+            cells[i][j] = replace(cells[i][j], bold=marks.bold[i], tie=marks.tie[i])
+    flagged_by = None
+    if "fid" in [m.key for m in metrics]:
+        means = {k: [float(p[k].mean()) if k in p and p[k].notna().any() else math.nan for p in parts]
+                 for k in ("fid", *UNBIASED)}
+        key, flags = ordering_flags(means)
+        j = [m.key for m in metrics].index("fid")
+        for i, flag in enumerate(flags):
+            if flag:
+                cells[i][j] = replace(cells[i][j], flag=True)
+                flagged_by = key
+    return [Row(r.group, r.label, r.n, tuple(c)) for r, c in zip(rows, cells, strict=True)], tests, flagged_by
+
+
+def _notes(rows: Sequence[Row], alpha: float, tests: set[str], flagged_by: str | None,
+           level: float | None, resamples: float | None) -> tuple[str, ...]:
+    notes = []
+    has_ci = any(c.ci is not None and c.std is None for r in rows for c in r.cells)
+    has_std = any(c.std is not None for r in rows for c in r.cells)
+    parts = []
+    if has_std:
+        parts.append("mean ± std over seeds (n > 1)")
+    if has_ci:
+        what = f"{100 * level:g} % " if level else ""
+        parts.append(f"value ± half-width of its {what}bootstrap CI over the eval samples (n = 1"
+                     + (f", {int(resamples)} resamples)" if resamples else ")"))
+    if parts:
+        notes.append("Cells: " + "; ".join(parts) + ".")
+    if tests:
+        used = ", ".join(TEST_NAMES[t] for t in sorted(tests))
+        notes.append(f"Bold: significantly better than every other row of its group at alpha = {alpha:g} "
+                     f"(tests: {used}; a difference counts only if every available test rejects). "
+                     "≈: tied for best (the best and the rows within noise of it). Cells without any "
+                     "measured uncertainty are never bold.")
+    else:
+        notes.append("No row carries a measured uncertainty (bootstrap CI or several seeds): nothing is bold.")
+    if flagged_by is not None:
+        name = {"fid_inf": "FID∞ (FID extrapolated to infinitely many samples)", "kid": "KID"}[flagged_by]
+        notes.append(f"‡: FID and {name}, which is unbiased at small n, order this row differently against "
+                     "another row of its group.")
+    return tuple(notes)
 
 
 def build_table(frame: pd.DataFrame, name: str, metrics: Sequence[str], group_by: Sequence[str],
-                row_by: Sequence[str]) -> Table:
+                row_by: Sequence[str], alpha: float = ALPHA, evidence: Evidence | None = None) -> Table:
     """Group rows by `group_by`, one row per `row_by` value; axes that vary elsewhere join `row_by`
     so different configurations are never averaged together."""
     row_by = [*row_by, *(a for a in AXES if a not in (*group_by, *row_by) and frame[a].nunique() > 1)]
     keys = [*group_by, *row_by]
     infos = tuple(metric_info(k) for k in metrics)
-    groups: dict[tuple, list[tuple[tuple, Row]]] = {}
+    groups: dict[tuple, list[tuple[tuple, Row, pd.DataFrame]]] = {}
     for values, part in frame.groupby(keys, sort=False, dropna=False):
         g, r = values[: len(group_by)], values[len(group_by):]
-        cells = tuple(_cell(part[k]) if k in part else Cell(None, None, 0) for k in metrics)
+        cells = tuple(_cell(part, k) for k in metrics)
         label = tuple(_display(a, v) for a, v in zip(row_by, r, strict=True))
         if name == "latency" and "under_load" in part and part["under_load"].any():
             label = (*label[:-1], label[-1] + LOAD_MARK)  # timings contended: see LOAD_NOTE
         row = Row(tuple(_display(a, v) for a, v in zip(group_by, g, strict=True)), label, len(part), cells)
         gkey = tuple(sort_key(a, v) for a, v in zip(group_by, g, strict=True))
-        groups.setdefault(gkey, []).append((tuple(sort_key(a, v) for a, v in zip(row_by, r, strict=True)), row))
+        rkey = tuple(sort_key(a, v) for a, v in zip(row_by, r, strict=True))
+        groups.setdefault(gkey, []).append((rkey, row, part))
     rows: list[Row] = []
+    tests: set[str] = set()
+    flagged_by = None
     for gkey in sorted(groups):
-        rows += _bold_best([row for _, row in sorted(groups[gkey], key=lambda kr: kr[0])], infos)
-    loaded = any(r.label and r.label[-1].endswith(LOAD_MARK) for r in rows)
+        ordered = sorted(groups[gkey], key=lambda item: item[0])
+        marked, used, flag = _mark([row for _, row, _ in ordered], [p for _, _, p in ordered], infos, alpha, evidence)
+        rows += marked
+        tests |= used
+        flagged_by = flagged_by or flag
+    level = _setting(frame, "ci_level")
+    notes = _notes(rows, alpha, tests, flagged_by, level, _setting(frame, "ci_resamples"))
+    if any(r.label and r.label[-1].endswith(LOAD_MARK) for r in rows):
+        notes += (LOAD_NOTE,)
     return Table(name, tuple(AXIS_TITLES[a] for a in group_by), tuple(AXIS_TITLES[a] for a in row_by), infos,
-                 tuple(rows), (LOAD_NOTE,) if loaded else ())
+                 tuple(rows), notes)
+
+
+def _setting(frame: pd.DataFrame, key: str) -> float | None:
+    """A bootstrap setting when every record that has it agrees, else None (the caption omits it)."""
+    if key not in frame:
+        return None
+    values = set(frame[key].dropna())
+    return float(values.pop()) if len(values) == 1 else None
 
 
 # kind -> (group_by, row_by): the layout of each table the aggregator writes.
@@ -177,9 +252,13 @@ def select_records(frame: pd.DataFrame, kind: str) -> pd.DataFrame:
     return quality[pd.MultiIndex.from_frame(quality[["model", "bits", "method"]]).isin(ablated)]
 
 
-def make_table(frame: pd.DataFrame, kind: str, metrics: Sequence[str] = ()) -> Table:
-    """The table of one kind from the records frame (empty rows when the store has none)."""
+def make_table(frame: pd.DataFrame, kind: str, metrics: Sequence[str] = (), alpha: float = ALPHA,
+               evidence: Evidence | None = None) -> Table:
+    """The table of one kind from the records frame (empty rows when the store has none); `alpha` is
+    the significance level of the bold / tie marks, `evidence` the runs' saved bootstrap statistics."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"<alpha={alpha}> must be in (0, 1)")
     check_metrics(frame, metrics)
     part = select_records(frame, kind)
     group_by, row_by = LAYOUTS[kind]
-    return build_table(part, kind, choose_metrics(part, kind, metrics), group_by, row_by)
+    return build_table(part, kind, choose_metrics(part, kind, metrics), group_by, row_by, alpha, evidence)
