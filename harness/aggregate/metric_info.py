@@ -36,10 +36,13 @@ METRIC_INFO: Registry[MetricInfo] = Registry("metric")
 
 for _info in (
     MetricInfo("fid", "FID", False),
+    MetricInfo("fid_inf", "FID∞", False),  # FID extrapolated to infinitely many samples (unbiased)
     MetricInfo("sfid", "sFID", False),
     MetricInfo("is", "IS", True),
     MetricInfo("kid", "KID", False, ".4f"),
     MetricInfo("psnr_vs_fp", "PSNR vs FP (dB)", True),
+    MetricInfo("class_accuracy", "class acc.", True, ".3f"),
+    MetricInfo("adaround_soft_fraction", "undecided rounding", None, ".4f"),
     MetricInfo("tfe", "TFE", False, "#.4g"),
     MetricInfo("traj", "TrajE", False, "#.4g"),
     MetricInfo("calib_seconds", "calib time (s)", False, ".1f"),
@@ -53,7 +56,7 @@ for _info in (
 DERIVED_FROM_CURVES = {"tfe": "temporal_feature_error", "traj": "trajectory_error"}
 
 DEFAULT_METRICS = {
-    "quality": ("fid", "sfid", "is", "kid", "psnr_vs_fp", "tfe", "calib_seconds"),
+    "quality": ("fid", "fid_inf", "sfid", "is", "kid", "psnr_vs_fp", "tfe", "calib_seconds"),
     "ablation": ("fid", "sfid", "is", "tfe"),
     "latency": ("latency_ms", "latency_per_image_ms", "weight_bytes"),
 }

@@ -91,7 +91,7 @@ def to_latex(table: Table, caption: str | None = None, standalone: bool = False)
     caption = ". ".join(t for t in (caption and tex_escape(caption).rstrip("."), notes and _tex_text(notes)) if t)
     n_cols = len(table.group_cols) + len(table.label_cols) + int(table.show_n)
     head = [*table.group_cols, *table.label_cols, *(["$n$"] if table.show_n else []),
-            *(tex_escape(m.display) + _TEX_ARROW[m.arrow] for m in table.metrics)]
+            *(tex_escape(m.display).replace("∞", r"$_\infty$") + _TEX_ARROW[m.arrow] for m in table.metrics)]
     body = []
     prev: tuple[str, ...] | None = None
     for row, group in zip(table.rows, _shown_groups(table), strict=True):
