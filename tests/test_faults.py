@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
@@ -93,6 +94,16 @@ def _clone(baseline: Path, dest: Path, artifacts: bool = True) -> Path:
     if artifacts:
         shutil.copytree(baseline / "artifacts", dest / "artifacts")
     return dest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterable[None]:
+    """Tiny models run single-threaded: on a shared, loaded machine torch's two spinning threads made a
+    0.4 s run take 30 s. The subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -277,7 +277,13 @@ def test_verify_reports_corrupt_records_and_artifacts(tmp_path: Path, capsys) ->
     store_dir, art_dir = tmp_path / "store", tmp_path / "art"
     store = ResultsStore(store_dir)
     store.write(_record("good"))
-    ArtifactCache(art_dir).store("calib", {"n": 1}, {"x": torch.arange(4.0)})
+    old = os.umask(0o002)
+    try:
+        data_file = ArtifactCache(art_dir).store("calib", {"n": 1}, {"x": torch.arange(4.0)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(data_file.stat().st_mode) == 0o664, "artifacts are shared with the group too"
+    assert stat.S_IMODE(data_file.with_suffix(".json").stat().st_mode) == 0o664
     assert store_main(["verify", "--store", str(store_dir), "--artifacts", str(art_dir)]) == 0
     assert "1 records (1 finished, 0 failed, 0 running), 1 artifacts: 0 problem(s)" in capsys.readouterr().out
 
