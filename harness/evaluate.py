@@ -14,10 +14,17 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
+from harness import distributed
 from harness.config import RunConfig
 from harness.metrics.clip_score import clip_score, sample_prompts
-from harness.metrics.features import FeatureExtractor, build_extractor, images_to_features
-from harness.metrics.fidelity import class_accuracy, features_to_metrics
+from harness.metrics.features import FeatureExtractor, build_extractor
+from harness.metrics.fidelity import (
+    class_accuracy,
+    features_to_metrics,
+    per_image_psnr,
+    sample_set,
+    uncertainty_metrics,
+)
 from harness.metrics.latency import fp32_weight_bytes, measure_latency, weight_bytes
 from harness.metrics.reference_data import statistics_only_metrics
 from harness.metrics.temporal import capture_temporal_features, psnr, temporal_feature_error, trajectory_error
@@ -37,17 +44,27 @@ def make_extractor(rc: RunConfig, model: DiffusionModel) -> FeatureExtractor:
     return build_extractor(name)
 
 
-def quality_metrics(rc: RunConfig, refs: References, samples: Samples, fp_samples: Samples) -> dict[str, float]:
+def quality_metrics(rc: RunConfig, refs: References, samples: Samples, fp_samples: Samples,
+                    out_dir: Path | None = None) -> dict[str, float]:
+    """Quality metrics with bootstrap CIs (and PSNR vs FP per image when the run is not FP itself);
+    with `out_dir`, the per-sample quantities are kept there for paired tests between runs."""
     extractor = make_extractor(rc, refs.model)
-    feats = images_to_features(extractor, samples.images, rc.eval.batch_size, desc="sample features")
+    feats = distributed.images_to_features(extractor, samples.images, rc.eval.batch_size, desc="sample features")
     reference = refs.reference_statistics(extractor, fp_samples)
     if "kid_pooled" not in reference:  # the user's npz of Inception statistics: FID (sFID) and IS only
         return statistics_only_metrics(feats, reference, seed=rc.eval.seed)
     out = features_to_metrics(feats, reference, seed=rc.eval.seed)
+    labels = None
     if refs.model.num_classes is not None and extractor.name == "lenet" and samples.conds is not None:
-        out.update(class_accuracy(feats.logits, samples.conds))
+        labels = samples.conds
+        out.update(class_accuracy(feats.logits, labels))
     elif extractor.name == "lenet":
         out["confident_fraction"] = class_accuracy(feats.logits, feats.logits.argmax(1))["confident_fraction"]
+    each = None if samples is fp_samples else per_image_psnr(fp_samples.images, samples.images)
+    if each is not None:
+        out["psnr_vs_fp"] = float(each.mean())
+    meta = {"eval_seed": rc.eval.seed, "sampler": f"{rc.sampler.name}/{rc.sampler.steps}", "extractor": extractor.name}
+    out.update(uncertainty_metrics(sample_set(feats, reference, labels, each), out, save_to=out_dir, meta=meta))
     return out
 
 
@@ -73,10 +90,11 @@ def latency_metrics(rc: RunConfig, exe: DiffusionModel, qmodel: DiffusionModel, 
 
 
 def evaluate(rc: RunConfig, refs: References, qmodel: DiffusionModel, exe: DiffusionModel, samples: Samples,
-             fp_samples: Samples) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(scalar metrics, per-timestep curves) of one run."""
-    metrics: dict[str, Any] = {} if rc.eval.extractor == "none" else quality_metrics(rc, refs, samples, fp_samples)
-    if samples is not fp_samples:  # the FP run is the reference itself (PSNR would be inf)
+             fp_samples: Samples, out_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scalar metrics, per-timestep curves) of one run; `out_dir` keeps its per-sample features."""
+    metrics: dict[str, Any] = ({} if rc.eval.extractor == "none"
+                               else quality_metrics(rc, refs, samples, fp_samples, out_dir))
+    if samples is not fp_samples and "psnr_vs_fp" not in metrics:  # FP itself: PSNR would be inf
         metrics["psnr_vs_fp"] = psnr(fp_samples.images, samples.images)
     if rc.eval.clip_model:  # text-to-image: each decoded image against its prompt
         prompts = sample_prompts(getattr(refs.model, "conditions", None), samples.conds)
