@@ -7,6 +7,7 @@ from torch import nn
 
 from methods.engine.adaround import AdaRound, freeze_layer
 from methods.engine.modules import QuantLayer, QuantSpec
+from methods.engine.quantizer import UniformQuantizer
 from methods.engine.reconstruction import rounding_state
 
 torch.set_num_threads(1)
@@ -83,3 +84,28 @@ def test_rounding_state_counts_undecided_and_flipped_variables() -> None:
     assert state["soft_fraction"] == per_channel / total
     assert state["flipped_fraction"] == (total - int(rounding.nearest()[0].sum())) / total
     assert rounding_state([]) == {"rounding_vars": 0}
+
+
+def test_split_weight_grid_quantizes_each_input_half_on_its_own_grid() -> None:
+    """Q-Diffusion's split: the skip half of the input channels gets its own per-channel weight grid,
+    and AdaRound rounds on that grid (hard rounding at init = round-to-nearest on the split grid)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 4, 3)
+    with torch.no_grad():
+        conv.weight[:, 3:] *= 20  # the skip half spans a much wider range
+    layer = QuantLayer(conv, QuantSpec(4, 8))
+    w = conv.weight.detach()
+    shared = layer.quantized_weight().detach().clone()
+    layer.enable_split(3, weights=True)
+    split = layer.quantized_weight().detach()
+    head = UniformQuantizer(4, channel_axis=0)
+    head.init_range(w[:, :3])
+    assert torch.allclose(split[:, :3], head(w[:, :3]))
+    err = lambda q: float((q[:, :3] - w[:, :3]).abs().mean())  # noqa: E731
+    assert err(split) < err(shared) / 5, "the narrow half is no longer rounded on the wide grid"
+    rounding = AdaRound(layer)
+    rounding.hard = True
+    assert torch.allclose(layer.quantized_weight(), split, atol=1e-6)
+    only_acts = QuantLayer(conv, QuantSpec(4, 8))
+    only_acts.enable_split(3)
+    assert only_acts.weight_quantizer_split is None and torch.allclose(only_acts.quantized_weight(), shared)

@@ -110,3 +110,27 @@ def test_config_validation_and_beta_schedule() -> None:
     with pytest.raises(ValueError, match="qdrop_prob"):
         ReconConfig(qdrop_prob=1.5)
     assert ReconConfig.from_config({"iters": 5, "act_iters": 7, "foo": 1}, iters_key="act_iters").iters == 7
+
+
+def test_fp_inputs_feed_blocks_the_fp_models_block_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BRECQ's asym=False (Q-Diffusion's activation pass): block inputs from the FP model, targets
+    from FP; the default takes inputs from the partly quantized model."""
+    from methods.engine import reconstruction
+
+    calib = tiny_calib(tiny_model("unet"), n=4, steps=2)
+    sources: list[bool] = []
+    real = reconstruction._capture
+
+    def spy(model, rows, module, batch_size, want_inputs, by_t):  # noqa: ANN001, ANN202
+        if want_inputs:
+            sources.append(model is fp)
+        return real(model, rows, module, batch_size, want_inputs, by_t)
+
+    monkeypatch.setattr(reconstruction, "_capture", spy)
+    for fp_inputs in (False, True):
+        q, fp = _pair(QuantSpec(4, None))
+        sources.clear()
+        cfg = ReconConfig(iters=2, batch_size=2, capture_batch_size=8, fp_inputs=fp_inputs)
+        others = [n for n, _ in find_blocks(q.net) if n != BLOCK]
+        reconstruct_model(q, fp, calib, cfg, skip=others)
+        assert sources == [fp_inputs]

@@ -26,10 +26,11 @@ class AdaRound(nn.Module):
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
-        self.quantizer = layer.weight_quantizer
+        self.quantizer = layer.weight_quantizer  # qmin / qmax (a split grid has the same bits)
+        self.grid = layer.weight_grid
         self.hard = False
         w = layer.layer.weight.detach()
-        scale, _ = self._grid(w)
+        scale, _ = self.grid(w)
         rest = w / scale - torch.floor(w / scale)
         self.register_buffer("_nearest", (rest >= 0.5).float())
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -39,16 +40,12 @@ class AdaRound(nn.Module):
         """The rounding offset (0 / 1) of round-to-nearest on the same grid, for comparison."""
         return self._nearest
 
-    def _grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.quantizer
-        return q._shaped(q.scale.detach(), w), q._shaped(q.zero_point, w)
-
     def soft(self) -> torch.Tensor:
         """h(alpha) in [0, 1]: the learned rounding offset."""
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale, zp = self._grid(w)
+        scale, zp = self.grid(w)
         offset = (self.alpha >= 0).to(w.dtype) if self.hard else self.soft()
         q = torch.clamp(torch.floor(w / scale) + offset + zp, self.quantizer.qmin, self.quantizer.qmax)
         return (q - zp) * scale

@@ -143,8 +143,9 @@ def skip_splits(net: nn.Module, run: Callable[[], object]) -> dict[str, int]:
     return splits
 
 
-def enable_skip_split(net: nn.Module, splits: dict[str, int]) -> list[str]:
-    """Give conv1 and conv_shortcut of each up-block resnet a separate quantizer for the skip half.
+def enable_skip_split(net: nn.Module, splits: dict[str, int], weights: bool = False) -> list[str]:
+    """Give conv1 and conv_shortcut of each up-block resnet a separate quantizer for the skip half
+    (and, with `weights`, a separate weight grid for its input channels, as Q-Diffusion's reference).
 
     Returns the names of the layers that got one (layers kept in FP have no quantizer to split)."""
     done: list[str] = []
@@ -153,6 +154,6 @@ def enable_skip_split(net: nn.Module, splits: dict[str, int]) -> list[str]:
         for child in ("conv1", "conv_shortcut"):
             layer = getattr(resnet, child, None)
             if isinstance(layer, QuantLayer) and layer.act_quantizer is not None and 0 < split:
-                layer.enable_split(split)
+                layer.enable_split(split, weights)
                 done.append(f"{resnet_name}.{child}")
     return done

@@ -6,6 +6,9 @@ and its weight. The weight is quantized once, after calibration, by `freeze()`; 
 quantized weight comes from the weight quantizer or from a learnable rounding (AdaRound) attached as
 `weight_rounding`. An optional second input quantizer covers the channels from `split` on: the
 two halves of a UNet skip concatenation have very different ranges (Q-Diffusion's split quantization).
+Q-Diffusion's reference also gives the weight columns of the skip half their own per-channel grid
+(`enable_split(split, weights=True)`); integer backends store one grid per output channel, so this
+is an option.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class QuantLayer(nn.Module):
             ActQuantizer(spec.act_bits, spec.act_symmetric, range_init=spec.act_init) if spec.act_bits else None
         )
         self.act_quantizer_split: ActQuantizer | None = None
+        self.weight_quantizer_split: UniformQuantizer | None = None  # input channels [split:], if split
         self.split = 0
         self.weight_rounding: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.use_weight_quant = True
@@ -65,7 +69,24 @@ class QuantLayer(nn.Module):
             return self.w_q
         if self.weight_rounding is not None:
             return self.weight_rounding(self.layer.weight)
-        return self.weight_quantizer(self.layer.weight)
+        w = self.layer.weight
+        if self.weight_quantizer_split is not None:
+            return torch.cat([self.weight_quantizer(w[:, : self.split]),
+                              self.weight_quantizer_split(w[:, self.split :])], dim=1)
+        return self.weight_quantizer(w)
+
+    def weight_grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) broadcastable to the weight `w`: per output channel, and per input half
+        when the weight grid is split."""
+        q = self.weight_quantizer
+        scale, zp = q._shaped(q.scale.detach(), w), q._shaped(q.zero_point, w)
+        if self.weight_quantizer_split is None:
+            return scale, zp
+        r = self.weight_quantizer_split
+        head = (w.shape[0], self.split, *w.shape[2:])
+        tail = (w.shape[0], w.shape[1] - self.split, *w.shape[2:])
+        return (torch.cat([scale.expand(head), r._shaped(r.scale.detach(), w).expand(tail)], dim=1),
+                torch.cat([zp.expand(head), r._shaped(r.zero_point, w).expand(tail)], dim=1))
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -77,14 +98,23 @@ class QuantLayer(nn.Module):
         self.w_q = None
 
     # -- activations -----------------------------------------------------------------------------
-    def enable_split(self, split: int) -> None:
-        """Give input channels [split:] their own quantizer (skip-concat halves)."""
+    def enable_split(self, split: int, weights: bool = False) -> None:
+        """Give input channels [split:] their own activation quantizer (skip-concat halves) and, with
+        `weights`, the weight columns [split:] their own per-output-channel grid (range re-initialised
+        on each half). Call before any rounding is learned."""
         if self.act_quantizer is None:
             return
         q = self.act_quantizer
         self.split = split
         self.act_quantizer_split = ActQuantizer(q.bits, q.symmetric, q.unsigned, q.range_init, q.percentile)
         self.act_quantizer_split.mode = q.mode
+        if weights:
+            w, wq = self.layer.weight.detach(), self.weight_quantizer
+            self.weight_quantizer_split = UniformQuantizer(wq.bits, wq.symmetric, 0, wq.unsigned, wq.range_init,
+                                                           wq.percentile)
+            with torch.no_grad():
+                wq.init_range(w[:, :split])
+                self.weight_quantizer_split.init_range(w[:, split:])
 
     def act_quantizers(self) -> list[ActQuantizer]:
         return [q for q in (self.act_quantizer, self.act_quantizer_split) if q is not None]

@@ -42,7 +42,9 @@ class ReconConfig:
     `warmup` is the fraction of iterations without rounding regularizer; `beta` the (start, end)
     of its temperature. `learn_weights=False` reconstructs activation step sizes only.
     `n_samples` caps the calibration rows used (None = all); `capture_batch_size` is the batch of
-    the capture passes; `eval_rows` the rows on which loss before/after is reported.
+    the capture passes; `eval_rows` the rows on which loss before/after is reported. `fp_inputs`
+    feeds each block the FP model's block inputs instead of the partly quantized model's (BRECQ's
+    asym=False; Q-Diffusion's activation step-size pass does this).
     """
 
     iters: int = 20000
@@ -58,6 +60,7 @@ class ReconConfig:
     learn_weights: bool = True
     capture_batch_size: int = 64
     eval_rows: int = 256
+    fp_inputs: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -400,7 +403,8 @@ def _reconstruct_unit(
     if not layers and not act_params:
         return None
     device = net_device(q_model.net)
-    inputs = _capture(q_model, rows, unit, cfg.capture_batch_size, True, by_t)
+    source, module = (fp_model, fp_model.net.get_submodule(name)) if cfg.fp_inputs else (q_model, unit)
+    inputs = _capture(source, rows, module, cfg.capture_batch_size, True, by_t)
     target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, False, by_t)
     t_rows = rows.t
     single_t = any(q.per_timestep for q in quantizers)
