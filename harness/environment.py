@@ -110,7 +110,7 @@ def placement() -> dict[str, Any]:
     return {
         "host": socket.gethostname(), "pid": os.getpid(),
         "rank": int(env.get("RANK", "0")), "local_rank": local_rank, "world_size": int(env.get("WORLD_SIZE", "1")),
-        "device": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu",
+        "device": f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu",  # what device=auto picks
         "launcher": launcher, "hydra_job_num": job_num, "torchrun": "TORCHELASTIC_RUN_ID" in env,
         "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
         "slurm_restart_count": env.get("SLURM_RESTART_COUNT"),  # > 0: requeued after preemption

@@ -113,6 +113,31 @@ def test_shards_are_whole_batches_covering_every_sample() -> None:
 
 # ---- launchers across runs ----------------------------------------------------------------------
 
+@pytest.mark.parametrize(("preset", "plugin", "cls"), [
+    ("local_parallel", "hydra_joblib_launcher", "JoblibLauncher"),
+    ("slurm", "hydra_submitit_launcher", "SlurmLauncher"),
+    ("local_submitit", "hydra_submitit_launcher", "LocalLauncher"),
+    ("local_ray", "hydra_ray_launcher", "RayLauncher"),
+])
+def test_launcher_presets_compose(preset: str, plugin: str, cls: str) -> None:
+    """Each preset extends its plugin's config and names a launcher class that exists; the SLURM
+    preset asks for one GPU per job and requeues on timeout (sbatch itself is not run here)."""
+    pytest.importorskip(f"hydra_plugins.{plugin}")
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert get_class(launcher._target_).__name__ == cls
+    if preset == "local_parallel":
+        assert launcher.n_jobs == int(os.environ.get("DIFFPTQ_N_JOBS", 2)) > 0
+    if preset == "slurm":
+        assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1 and launcher.max_num_timeout > 0
+    if preset == "local_ray":
+        assert launcher.ray.init._node_ip_address == "127.0.0.1"
+
+
 def test_joblib_sweep_builds_shared_artifacts_once(tmp_path: Path) -> None:
     """Four runs on two joblib workers need the same calibration data, FP samples and FP temporal
     features, and the same FP reference run: each is computed once."""
