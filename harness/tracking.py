@@ -172,8 +172,8 @@ class WandbSink:
         to offline (synced later with `wandb sync`), and so do this process's later runs."""
         host = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_HOST)
         if self.mode == "online" and host in _unreachable:
-            log.warning("W&B server %s was unreachable earlier in this process; logging run %s offline",
-                        host, record.run_id)
+            log.warning("W&B server %s was unreachable earlier in this process; logging run %s offline "
+                        "(`wandb sync` its folder later)", host, record.run_id)
             self.mode = "offline"
         try:
             return self._init(record)
@@ -181,11 +181,13 @@ class WandbSink:
             if self.mode != "online":
                 raise
             _unreachable.add(host)
-            log.warning("W&B online init failed within %.0f s (%s: %s); logging run %s offline instead: "
-                        "upload it later with `wandb sync <dir>`", self.init_timeout, type(err).__name__,
-                        str(err).splitlines()[0] if str(err) else "", record.run_id)
+            log.warning("W&B online init failed within %.0f s (%s: %s); logging run %s offline instead",
+                        self.init_timeout, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                        record.run_id)
             self.mode = "offline"
-            return self._init(record)
+            run = self._init(record)
+            log.warning("W&B run %s kept offline; upload it later with `wandb sync %s`", record.run_id, run.sync_dir)
+            return run
 
     def _log(self, record: RunRecord, images: torch.Tensor | None) -> None:
         import wandb
