@@ -202,8 +202,11 @@ class ResultsStore:
                 previous = None
             except (OSError, ValueError, TypeError) as err:
                 aside = target.with_name(f"{target.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
-                os.replace(target, aside)
-                warnings.warn(f"run record {target} was unreadable ({err}); kept as {aside.name}", stacklevel=2)
+                try:
+                    os.replace(target, aside)
+                    warnings.warn(f"run record {target} was unreadable ({err}); kept as {aside.name}", stacklevel=2)
+                except FileNotFoundError:  # a concurrent writer set it aside first
+                    pass
         if previous is not None and previous.finished and not record.finished:
             if record.status == "running":
                 return target
