@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -119,10 +120,14 @@ def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: in
         part = sample_one(model, sampler, count, batch_size, seed, n_trajectory, on_step,
                           f"{desc} [rank {rank()}]", offset=start)
     parts = _gather(part)
-    trajectories = [p.trajectory for p in parts if p.trajectory is not None]
-    conds = [p.conds for p in parts if p.conds is not None]
-    return Samples(torch.cat([p.images for p in parts]), torch.cat(conds) if conds else None, parts[0].timesteps,
-                   torch.cat(trajectories, dim=1) if trajectories else None)
+    def cat(name: str, dim: int = 0) -> torch.Tensor | None:
+        rows = [getattr(p, name) for p in parts if getattr(p, name) is not None]
+        return torch.cat(rows, dim=dim) if rows else None
+
+    # Every per-sample field is concatenated in rank order; a trajectory is (steps, samples, ...).
+    per_sample = {f.name: cat(f.name, dim=1 if f.name == "trajectory" else 0) for f in fields(Samples)
+                  if f.name != "timesteps"}
+    return Samples(timesteps=parts[0].timesteps, **per_sample)
 
 
 def images_to_features(extractor: feats.FeatureExtractor, images: torch.Tensor, batch_size: int = 250,
