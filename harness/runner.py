@@ -281,6 +281,9 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     cache = result.report.details.get("cache")
     if isinstance(cache, dict) and "cache_bytes" in cache:  # TFMQ's cached temporal features
         record.metrics["cache_bytes"] = cache["cache_bytes"]
+    rounding = result.report.details.get("adaround")  # AdaRound variables undecided before hard rounding
+    if isinstance(rounding, dict) and "soft_fraction" in rounding:
+        record.metrics["adaround_soft_fraction"] = rounding["soft_fraction"]
     with phase("grid", "Saving the sample grid"):
         if distributed.is_main():
             record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))

@@ -23,11 +23,13 @@ from methods.settings import RANGE_INITS, MethodSettings, bounded, choice
 
 
 def method_spec(spec: QuantSpec, cfg: dict[str, Any]) -> QuantSpec:
-    """The run's bit-widths with the method's own range-init choices (from its yaml)."""
+    """The run's bit-widths with the method's own range-init and grid choices (from its yaml)."""
     return replace(
         spec,
         weight_init=cfg.get("weight_init", spec.weight_init),
         act_init=cfg.get("act_init", spec.act_init),
+        weight_symmetric=bool(cfg.get("weight_symmetric", spec.weight_symmetric)),
+        act_symmetric=bool(cfg.get("act_symmetric", spec.act_symmetric)),
     )
 
 
@@ -66,6 +68,8 @@ class RTNSettings(MethodSettings):
 
     weight_init: str = choice("minmax", RANGE_INITS)
     act_init: str = choice("minmax", RANGE_INITS)
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
     quant_attention: bool = True
     calib_rows: int = bounded(lo=1)
     batch_size: int = bounded(lo=1)

@@ -49,6 +49,8 @@ class ReconSettings(MethodSettings):
 
     weight_init: str = choice("mse", RANGE_INITS)
     act_init: str = choice("mse", RANGE_INITS)
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
     quant_attention: bool = True
     lr: float = bounded(1e-3, lo=0.0)
     act_lr: float = bounded(4e-5, lo=0.0)

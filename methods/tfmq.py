@@ -1,12 +1,18 @@
 """TFMQ-DM (Huang et al., CVPR 2024) and its extension: temporal feature maintenance on Q-Diffusion.
 
 The pipeline is Q-Diffusion's (uniform-step calibration rows, split shortcuts, attention quantizers,
-BRECQ + AdaRound weights with activations off, then activation ranges and step sizes), plus:
+BRECQ + AdaRound weights with activations off, then activation ranges), plus what follows. As in
+the reference code there is no activation step-size reconstruction (`act_recon: true` adds
+Q-Diffusion's pass). FSC defaults to the TIB's quantizers, so the `fsc` ablation row differs from
+`brecq` by FSC alone; scope "all" (the reference code) also swaps every other quantizer's MSE range
+for per-timestep min-max ranges. The layers kept FP are the baselines' (`fp_time_embedding: true`
+adds the reference code's FP time-embedding linear).
+
 
 - TIAR: the Temporal Information Block is reconstructed alone, first, against its own outputs over
   every (timestep, label) of the sampler, then frozen for the block reconstruction of the rest.
-- FSC: one activation range per sampler timestep for the TIB's quantizers (scope "tib") or for
-  every activation quantizer (scope "all", as the reference code does).
+- FSC: one activation range per sampler timestep for the TIB's quantizers (scope "tib", default) or
+  for every activation quantizer (scope "all", as the reference code does).
 - Cache: the FP temporal features of every (timestep, label), quantized per timestep to the
   activation bits, are served in place of each projection; the TIB is skipped when all are cached.
 - Selection: per feature, the TIB path or the cache path, whichever is measured closer to FP.
@@ -24,14 +30,13 @@ from typing import Any
 import torch
 
 from harness.calibration import CalibData
-from harness.models.base import DiffusionModel, denoise
+from harness.models.base import DiffusionModel
 from methods.base import METHODS, Method, MethodReport
-from methods.engine.blocks import enable_skip_split, skip_splits
 from methods.engine.calibrate import batch_inputs, calibrate_activations, net_device
 from methods.engine.context import install_timestep_context
-from methods.engine.modules import QuantSpec, quant_layers, set_act_mode
-from methods.engine.reconstruction import ReconConfig, reconstruct_model
-from methods.qdiff import QDiffSettings, uniform_step_rows
+from methods.engine.modules import QuantSpec, set_act_mode
+from methods.engine.reconstruction import ReconConfig, merge_rounding, reconstruct_model
+from methods.qdiff import QDiffSettings, act_step_sizes, split_shortcuts, uniform_step_rows
 from methods.rtn import finish, insert_quantizers, method_spec
 from methods.settings import bounded, choice
 from methods.temporal.cache import build_caches, install_caches, skip_embedders
@@ -50,6 +55,9 @@ from methods.temporal.tib import TIB, find_tib
 log = logging.getLogger(__name__)
 
 TOGGLES = ("tiar", "fsc", "cache", "select")
+# TFMQ-DM's reference code also keeps the first time-embedding linear in FP (UNet; DiT: each block's
+# timestep embedder); `fp_time_embedding: true` reproduces that.
+TIME_EMBEDDING_FP = ["time_embedding.linear_1", "transformer_blocks.*.norm1.emb.timestep_embedder.linear_1"]
 VARIANTS: dict[str, tuple[bool, bool, bool, bool]] = {  # (tiar, fsc, cache, select): the paper's ablation rows
     "brecq": (False, False, False, False),
     "tiar": (True, False, False, False),
@@ -112,6 +120,7 @@ def _reconstruct_weights(model: DiffusionModel, fp_model: DiffusionModel, rows: 
         frozen = sorted(tib_quant_layers(model.net, tib))
         log.info("TIAR: temporal feature loss %.4g -> %.4g", out["tiar"]["loss_before"], out["tiar"]["loss_after"])
     out["weight_recon"] = reconstruct_model(model, fp_model, rows, ReconConfig.from_config(cfg), frozen=frozen)
+    out["adaround"] = merge_rounding([out["weight_recon"]["rounding"], *([out["tiar"]] if tiar else [])])
     return out
 
 
@@ -132,10 +141,8 @@ def _calibrate_activations(model: DiffusionModel, fp_model: DiffusionModel, rows
     if toggles.fsc:
         calibrate_tib_per_timestep(model.net, tib, calib.schedule, calib.labels)
         out["fsc"] = {**fsc, "per_timestep_quantizers": len(per_timestep_quantizers(model.net))}
-    if int(cfg.get("act_iters", 0)) > 0:
-        acts = ReconConfig.from_config(cfg, iters_key="act_iters", learn_weights=False, learn_act_scale=True)
-        frozen = [name for name, _ in quant_layers(model.net)]
-        out["act_recon"] = reconstruct_model(model, fp_model, rows, acts, frozen=frozen)
+    if cfg.get("act_recon", False) and int(cfg.get("act_iters", 0)) > 0:
+        out["act_recon"] = act_step_sizes(model, fp_model, rows, cfg)
     return out
 
 
@@ -164,12 +171,6 @@ def _maintain_by_cache(model: DiffusionModel, fp_model: DiffusionModel, calib: C
             "embedders_skipped": skipped, "choices": [c.as_dict() for c in choices]}
 
 
-def _split_shortcuts(model: DiffusionModel, rows: CalibData) -> list[str]:
-    first = rows.subset(torch.arange(1))
-    splits = skip_splits(model.net, lambda: denoise(model, *batch_inputs(first, net_device(model.net))))
-    return enable_skip_split(model.net, splits)
-
-
 @dataclass(frozen=True, kw_only=True)
 class TFMQSettings(QDiffSettings):
     """The keys of conf/method/tfmq.yaml (top level and recipes), checked before anything loads;
@@ -178,7 +179,9 @@ class TFMQSettings(QDiffSettings):
     variant: str | None = choice("select", (*VARIANTS, None))
     tiar: bool
     fsc: bool
-    fsc_scope: str = choice("all", FSC_SCOPES)
+    fsc_scope: str = choice("tib", FSC_SCOPES)
+    act_recon: bool = False
+    fp_time_embedding: bool = False
     cache: bool
     select: bool
     fsc_samples_per_step: int = bounded(lo=1)
@@ -197,6 +200,14 @@ class TFMQ(Method):
     def __init__(self, cfg: dict[str, Any], recipe: str = "quick") -> None:
         super().__init__(cfg, recipe)
         self.toggles = TfmqToggles.parse(self.cfg)
+
+    @property
+    def keep_fp(self) -> list[str]:
+        """The shared FP layers, plus the first time-embedding linear with `fp_time_embedding` (the
+        reference code's convention; off by default so TFMQ quantizes the same layers as the baselines)."""
+        base = super().keep_fp
+        extra = TIME_EMBEDDING_FP if self.cfg.get("fp_time_embedding", False) else []
+        return [*base, *(p for p in extra if p not in base)]
 
     def calibration_rows_per_step(self, schedule: list[int], num_train_timesteps: int) -> int:
         wanted = int(self.cfg["samples_per_step"])
@@ -218,7 +229,7 @@ class TFMQ(Method):
         rows = uniform_step_rows(calib, int(cfg["n_steps"]), int(cfg["samples_per_step"]), int(cfg.get("seed", 0)))
         details["calib_rows"] = len(rows)
         if spec.act_bits is not None and cfg.get("split_shortcut", True):
-            details["split_layers"] = _split_shortcuts(model, rows)
+            details["split_layers"] = split_shortcuts(model, rows, bool(cfg.get("split_weights", False)))
         details.update(_reconstruct_weights(model, fp_model, rows, calib, tib, cfg, toggles.tiar))
         if spec.act_bits is not None:
             details.update(_calibrate_activations(model, fp_model, rows, calib, tib, cfg, toggles))

@@ -15,6 +15,7 @@ from methods import METHODS
 from methods.engine.modules import QuantSpec, act_quantizers, quant_layers
 from methods.ptq4dm import normal_timestep_rows
 from methods.qdiff import uniform_step_rows
+from methods.settings import check_settings
 
 torch.set_num_threads(1)
 
@@ -135,3 +136,35 @@ def test_paper_recipe_carries_the_papers_values(name: str) -> None:
         assert paper["iters"] == 20000 and paper["batch_size"] == 32
     if name == "qdiff":
         assert paper["n_steps"] * paper["samples_per_step"] == 5120 and paper["act_iters"] == 5000
+
+
+def test_ptq4dm_released_variant_is_the_released_script() -> None:
+    """NDTC rows, MSE ranges, symmetric grids, first / last layer quantized at 8 bits, no reconstruction."""
+    model = tiny_model("unet")
+    calib = tiny_calib(model, n=4, steps=4)
+    result = METHODS.get("ptq4dm")({**_cfg("ptq4dm"), "variant": "released"}, "quick").quantize(
+        model, calib, QuantSpec(4, 8))
+    details, layers = result.report.details, dict(quant_layers(result.model.net))
+    assert details["variant"] == "released" and "recon" not in details and "adaround" not in details
+    assert sorted(details["eight_bit_layers"]) == ["conv_in", "conv_out"] and result.report.keep_fp == []
+    assert layers["conv_in"].weight_quantizer.bits == 8 and layers["conv_out"].act_quantizer.bits == 8
+    others = [layer for n, layer in layers.items() if n not in ("conv_in", "conv_out")]
+    assert all(layer.weight_quantizer.bits == 4 and layer.weight_quantizer.symmetric for layer in others)
+    assert all(q.symmetric for _, q in act_quantizers(result.model.net))
+    assert METHODS.get("ptq4dm").full_variant == "qdrop", "the main table's PTQ4DM is the QDrop variant"
+
+
+def test_symmetric_grids_and_split_weights_come_from_the_config() -> None:
+    model = tiny_model("unet")
+    calib = tiny_calib(model, n=4, steps=4)
+    cfg = {**_cfg("qdiff"), "weight_symmetric": True, "act_symmetric": False, "split_weights": True}
+    result = METHODS.get("qdiff")(cfg, "quick").quantize(model, calib, QuantSpec(4, 8))
+    layers = dict(quant_layers(result.model.net))
+    assert all(layer.weight_quantizer.symmetric for layer in layers.values())
+    assert not any(q.symmetric for n, q in act_quantizers(result.model.net) if not n.endswith("softmax_quantizer"))
+    split = [layers[n] for n in result.report.details["split_layers"]]
+    assert split and all(layer.weight_quantizer_split is not None for layer in split)
+    assert 0 <= result.report.details["adaround"]["soft_fraction"] <= 1
+    assert _yaml("qdiff")["act_symmetric"] is True, "Q-Diffusion's README runs use --a_sym"
+    with pytest.raises(ValueError, match="act_inputs"):
+        check_settings(METHODS.get("qdiff"), {**_cfg("qdiff"), "act_inputs": "both"}, "quick")

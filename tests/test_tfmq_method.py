@@ -64,16 +64,22 @@ def test_ablation_presets_compose_into_distinct_consistent_variants() -> None:
             toggles = TfmqToggles.parse(method)
             seen[toggles.variant] = (toggles.tiar, toggles.fsc, toggles.cache, toggles.select)
     assert seen == VARIANTS
-    assert "time_embedding.linear_1" in OmegaConf.load(CONF / "method" / "tfmq.yaml").keep_fp
+    yaml = OmegaConf.load(CONF / "method" / "tfmq.yaml")
+    assert yaml.keep_fp == OmegaConf.load(CONF / "method" / "qdiff.yaml").keep_fp, "one FP-layer convention"
+    extra = METHODS.get("tfmq")(_method_cfg(fp_time_embedding=True), "quick").keep_fp
+    assert "time_embedding.linear_1" in extra and "time_embedding.linear_1" not in yaml.keep_fp
 
 
 # -- end to end ------------------------------------------------------------------------------------
 def test_tfmq_end_to_end_on_class_conditional_unet() -> None:
     model, calib = _model_and_calib("tiny_unet_cond")
-    result = METHODS.get("tfmq")(_method_cfg(), "quick").quantize(model, calib, QuantSpec(4, 8))
+    cfg = _method_cfg(fsc_scope="all", fp_time_embedding=True)  # the reference code's scope and FP layers
+    result = METHODS.get("tfmq")(cfg, "quick").quantize(model, calib, QuantSpec(4, 8))
     details, net = result.report.details, result.model.net
     assert details["variant"] == "select" and details["fsc"]["scope"] == "all"
     assert details["tiar"]["iters"] == TINY["tiar_iters"] and len(details["tiar"]["layers"]) == 9
+    assert "time_embedding.linear_1" in result.report.keep_fp
+    assert 0 <= details["adaround"]["soft_fraction"] <= 1 and details["adaround"]["rounding_vars"] > 0
     cache = details["cache"]
     features = details["tib"]["features"]
     assert len(cache["choices"]) == len(features) == 8
@@ -108,11 +114,15 @@ def test_brecq_variant_has_no_temporal_maintenance() -> None:
 
 def test_fsc_scope_tib_gives_per_timestep_ranges_to_the_tib_only() -> None:
     model, calib = _model_and_calib("tiny_unet")
-    cfg = _method_cfg(variant="tiar_fsc", cache=False, select=False, fsc_scope="tib")
+    cfg = _method_cfg(variant="tiar_fsc", cache=False, select=False, act_recon=True)  # fsc_scope tib: default
     result = METHODS.get("tfmq")(cfg, "quick").quantize(model, calib, QuantSpec(4, 8))
     net = result.model.net
     per_t = {name for name, q in act_quantizers(net) if q.per_timestep}
     tib = find_tib(net)
-    assert per_t == set(tib_act_quantizers(net, tib)) and len(per_t) == 9
-    assert result.report.details["fsc"] == {"scope": "tib", "timesteps": calib.schedule, "per_timestep_quantizers": 9}
+    assert per_t == set(tib_act_quantizers(net, tib)) and len(per_t) == 10, "with time_embedding.linear_1"
+    assert result.report.details["fsc"] == {"scope": "tib", "timesteps": calib.schedule,
+                                            "per_timestep_quantizers": 10}
     assert "act_recon" in result.report.details, "global quantizers still get their step sizes learned"
+    reference = METHODS.get("tfmq")(_method_cfg(variant="tiar_fsc", cache=False, select=False), "quick")
+    assert "act_recon" not in reference.quantize(model, calib, QuantSpec(4, 8)).report.details, \
+        "the reference code has no activation step-size pass"

@@ -47,7 +47,8 @@ def reconstruct_tib(q_net: nn.Module, fp_net: nn.Module, tib: TIB, schedule: lis
 
     Each iteration draws `cfg.batch_size` (timestep, label) pairs from the sampler's schedule x every
     label (one timestep per batch when the TIB already has per-timestep activation quantizers).
-    Returns {"layers", "iters", "seconds", "loss_before", "loss_after", "per_feature_after"}.
+    Returns {"layers", "iters", "seconds", "loss_before", "loss_after", "per_feature_after"} and the
+    rounding state before hard rounding (`reconstruction.rounding_state`).
     """
     layers = tib_quant_layers(q_net, tib)
     axis = label_axis(tib, labels)
@@ -91,4 +92,5 @@ def reconstruct_tib(q_net: nn.Module, fp_net: nn.Module, tib: TIB, schedule: lis
         "loss_before": sum(before.values()),
         "loss_after": sum(after.values()),
         "per_feature_after": after,
+        **{k: result[k] for k in ("rounding_vars", "soft_fraction", "flipped_fraction") if k in result},
     }
