@@ -102,10 +102,20 @@ def shard(n: int, batch_size: int, r: int, world: int) -> tuple[int, int]:
     return start, min(n, hi * batch_size) - start
 
 
-def _gather(part: T | None) -> list[T]:
-    """Every rank's part, in rank order (ranks with an empty shard send None)."""
+def _shards(work: Callable[[], T] | None) -> list[T]:
+    """Run this rank's shard (`work`; None for an empty shard) and gather every rank's result in rank
+    order. An error on any rank is raised on every rank, so no rank waits in the gather for a failed
+    one and all ranks record the same failure."""
+    part: Any = None
+    try:
+        part = work() if work is not None else None
+    except Exception as err:  # noqa: BLE001 - sent to every rank, raised below
+        part = err
     parts: list[Any] = [None] * world_size()
     dist.all_gather_object(parts, part)
+    for p in parts:
+        if isinstance(p, Exception):
+            raise p
     return [p for p in parts if p is not None]
 
 
@@ -115,11 +125,9 @@ def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: in
     if not active():
         return sample_one(model, sampler, n, batch_size, seed, n_trajectory, on_step, desc)
     start, count = shard(n, batch_size, rank(), world_size())
-    part = None
-    if count:
-        part = sample_one(model, sampler, count, batch_size, seed, n_trajectory, on_step,
-                          f"{desc} [rank {rank()}]", offset=start)
-    parts = _gather(part)
+    parts = _shards((lambda: sample_one(model, sampler, count, batch_size, seed, n_trajectory, on_step,
+                                        f"{desc} [rank {rank()}]", offset=start)) if count else None)
+
     def cat(name: str, dim: int = 0) -> torch.Tensor | None:
         rows = [getattr(p, name) for p in parts if getattr(p, name) is not None]
         return torch.cat(rows, dim=dim) if rows else None
@@ -136,10 +144,9 @@ def images_to_features(extractor: feats.FeatureExtractor, images: torch.Tensor, 
     if not active():
         return feats.images_to_features(extractor, images, batch_size, progress, desc)
     start, count = shard(len(images), batch_size, rank(), world_size())
-    part = None
-    if count:
-        part = feats.images_to_features(extractor, images[start : start + count], batch_size, progress, desc)
-    return feats.Features.cat(_gather(part))
+    return feats.Features.cat(_shards(
+        (lambda: feats.images_to_features(extractor, images[start : start + count], batch_size, progress, desc))
+        if count else None))
 
 
 def collective_get_or_build(cache: ArtifactCache, kind: str, deps: Mapping[str, Any],

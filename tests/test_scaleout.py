@@ -216,3 +216,20 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path) -> None:
     a, b = load_file(str(path)), load_file(str(two / "artifacts" / "fp_samples" / path.name))
     assert set(a) == set(b) and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
     assert _builds(two / "artifacts").count("fp_samples") == 1, "rank 0 alone writes"
+
+
+def test_torchrun_error_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """A shard that fails on rank 1 must not leave rank 0 waiting in the gather: both raise it."""
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(
+        "from harness import distributed\n"
+        "distributed.init_from_env()\n"
+        "try:\n"
+        "    distributed._shards(lambda: 1 / (distributed.rank() - 1))\n"  # rank 1 divides by zero
+        "except ZeroDivisionError:\n"
+        "    print(f'rank {distributed.rank()} raised; rank 0 decided {distributed.from_main(distributed.rank())}')\n")
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                 "127.0.0.1", "--master_port", str(30500 + os.getpid() % 1000), str(script)], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(line for line in proc.stdout.splitlines() if "raised" in line) == [
+        "rank 0 raised; rank 0 decided 0", "rank 1 raised; rank 0 decided 0"]
