@@ -94,6 +94,13 @@ def _reference(cfg: Mapping) -> str:
     return v
 
 
+def _optional_str(cfg: Mapping, group: str, key: str) -> str | None:
+    v = cfg.get(key)
+    if v is not None and not (isinstance(v, str) and v):
+        raise ValueError(f"<{_name(group, key)}={v}> must be a non-empty string or null")
+    return v
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     name: str
@@ -112,6 +119,8 @@ class EvalConfig:
     latency_warmup: int
     latency_iters: int
     grid: int
+    prompts: str | None = None  # prompt file of a text-to-image pipeline (.txt, or .csv/.json + prompt_column)
+    prompt_column: str = "caption"
 
     @classmethod
     def parse(cls, cfg: Mapping) -> EvalConfig:
@@ -137,6 +146,8 @@ class EvalConfig:
             latency_warmup=_int(lat, "eval.latency", "warmup", 0),
             latency_iters=_int(lat, "eval.latency", "iters", 1),
             grid=_int(cfg, "eval", "grid", 0),
+            prompts=_optional_str(cfg, "eval", "prompts"),
+            prompt_column=_optional_str(cfg, "eval", "prompt_column") or "caption",
         )
 
 

@@ -12,16 +12,17 @@ from typing import Any
 
 import torch
 
+from harness import distributed
 from harness.artifacts import ArtifactCache, tensors_fingerprint
 from harness.calibration import CalibData, capture_calibration
 from harness.config import RunConfig
 from harness.datasets import load_mnist
 from harness.metrics import reference_data
-from harness.metrics.features import FeatureExtractor, images_to_features
+from harness.metrics.features import FeatureExtractor
 from harness.metrics.fidelity import features_to_reference
 from harness.metrics.temporal import capture_temporal_features
 from harness.models.base import DiffusionModel
-from harness.sampling import Samples, sample
+from harness.sampling import Samples
 
 DATASETS = {"mnist": lambda: load_mnist()[0] * 2 - 1}
 
@@ -34,6 +35,7 @@ class References:
         self.model_key: dict[str, Any] = {
             "model": {k: v for k, v in rc.model.items() if k != "path"},
             "weights": tensors_fingerprint(model.net.state_dict()),
+            **model.parts_key(),  # decoder weights, condition source (prompt file, text encoder); {} if none
         }
         self.sampler_key = asdict(rc.sampler)
         self.eval_key = {"n": rc.eval.n_samples, "seed": rc.eval.seed, "n_trajectory": rc.eval.n_trajectory}
@@ -61,7 +63,7 @@ class References:
         deps = {**self.model_key, "sampler": self.sampler_key, "eval": self.eval_key}
 
         def build() -> dict[str, torch.Tensor]:
-            s = sample(self.model, self.rc.sampler, self.rc.eval.n_samples,
+            s = distributed.sample(self.model, self.rc.sampler, self.rc.eval.n_samples,
                                       self.rc.eval.batch_size, self.rc.eval.seed,
                                       n_trajectory=self.rc.eval.n_trajectory, desc="FP reference samples")
             out = {"images": s.images, "timesteps": torch.tensor(s.timesteps)}
@@ -69,10 +71,12 @@ class References:
                 out["trajectory"] = s.trajectory
             if s.conds is not None:
                 out["conds"] = s.conds
+            if s.latents is not None:
+                out["latents"] = s.latents
             return out
 
         t = self.cache.get_or_build("fp_samples", deps, build)
-        return Samples(t["images"], t.get("conds"), t["timesteps"].tolist(), t.get("trajectory"))
+        return Samples(t["images"], t.get("conds"), t["timesteps"].tolist(), t.get("trajectory"), t.get("latents"))
 
     def reference_kind(self) -> str:
         """Where quality metrics compare to: the dataset when the model has one, else FP samples."""
@@ -99,7 +103,8 @@ class References:
             images = lambda: fp_samples.images  # noqa: E731
 
         def build() -> dict[str, torch.Tensor]:
-            feats = images_to_features(extractor, images(), self.rc.eval.batch_size, desc=f"{kind} reference features")
+            feats = distributed.images_to_features(extractor, images(), self.rc.eval.batch_size,
+                                                   desc=f"{kind} reference features")
             return features_to_reference(feats)
 
         return self.cache.get_or_build(f"reference_stats_{kind}", deps, build)

@@ -95,11 +95,33 @@ def test_random_init_is_seeded() -> None:
         ({"weights": "ddpm_cifar10"}, "model.weights"),
         ({"cond_shape": [4, 16]}, "model.cond_shape"),
         ({"init": "pretrained"}, "model.path"),
+        ({"decoder": "vqgan", "image_shape": [1, 32, 32]}, "model.decoder"),
+        ({"decoder": "vae"}, "model.image_shape"),
+        ({"image_shape": [3, 16, 16]}, "model.image_shape"),
+        ({"text_encoder": "clip"}, "model.text_encoder"),
     ],
 )
 def test_bad_config_names_the_key(override: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_model_config(cfg_of("tiny_unet", **override))
+
+
+def test_a_pretrained_text_model_needs_its_text_encoder() -> None:
+    with pytest.raises(ValueError, match=r"model\.text_encoder=None.*zero-filled text states mean nothing"):
+        check_model_config(cfg_of("sd_unet", text_encoder=None))
+    check_model_config(cfg_of("tiny_sd"))  # a random denoiser alone is fine (architecture benchmarks)
+
+
+@pytest.mark.parametrize("name", ["ldm_mnist", "dit_mnist"])
+def test_missing_shipped_latent_folders_say_how_to_train_them(name: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("harness.models.zoo.WEIGHTS_DIR", tmp_path)
+    family = "unet" if name == "ldm_mnist" else "dit"
+    cfg = {**cfg_of("ddpm_mnist"), "name": name, "weights": name, "family": family, "sample_shape": [4, 7, 7],
+           "decoder": "vae", "image_shape": [1, 28, 28], "num_classes": None if family == "unet" else 10}
+    stage = "ldm" if name == "ldm_mnist" else "dit"
+    with pytest.raises(FileNotFoundError, match=rf"train it with `.*train_latent --stage {stage}`"):
+        load_model(cfg)
 
 
 def test_bad_keys_get_a_suggestion_and_arch_typos_are_caught() -> None:

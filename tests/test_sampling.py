@@ -48,3 +48,13 @@ def test_calibration_records_every_visited_timestep_and_both_cfg_branches() -> N
     assert torch.equal(back.x, calib.x) and back.schedule == calib.schedule
     for batch in calib.batches(7, by_timestep=True):
         assert batch.t.unique().numel() == 1
+
+
+def test_labels_are_drawn_with_the_seed_per_index() -> None:
+    m = tiny_model(num_classes=3, guidance=2.0)
+    labels = m.conditions.draw(0, 0, 2500)
+    assert labels.min() == 0 and labels.max() == 2 and labels.tolist() != [i % 3 for i in range(2500)]
+    assert torch.equal(m.conditions.draw(0, 990, 20), labels[990:1010]), "a shard draws exactly its slice"
+    assert not torch.equal(m.conditions.draw(1, 0, 50), labels[:50]), "another seed, other labels"
+    s = sample(m, SamplerConfig("ddim", 2, 0.0), 4, 4, seed=0)
+    assert torch.equal(s.conds, labels[:4]) and s.latents is None, "pixel-space models carry no latents"

@@ -50,8 +50,11 @@ MODELS.register("dit")(DiTTransformer2DModel)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUILTIN_WEIGHTS = ("ddpm_mnist", "ddpm_mnist_cond", "ldm_mnist", "dit_mnist")
-# The script that trains each shipped folder (named in the error when the folder is missing).
-TRAIN_SCRIPT = {"ldm_mnist": "harness.models.train_latent", "dit_mnist": "harness.models.train_latent"}
+# How to train each shipped folder (named in the error when the folder is missing).
+_LATENT = "python -m harness.models.train_latent --stage"
+TRAIN_COMMAND = {"ddpm_mnist": "python -m harness.models.train --name ddpm_mnist",
+                 "ddpm_mnist_cond": "python -m harness.models.train --name ddpm_mnist_cond",
+                 "ldm_mnist": f"{_LATENT} vae && {_LATENT} ldm", "dit_mnist": f"{_LATENT} vae && {_LATENT} dit"}
 DATASETS = ("mnist",)
 INITS = ("pretrained", "random")
 # Sub-folder of a diffusers pipeline folder that holds the denoiser, per family.
@@ -223,7 +226,8 @@ def _local_layout(root: Path, family: str, subfolder: str | None) -> tuple[Path,
     sub = subfolder or PIPELINE_SUBFOLDER[family]
     net_dir = root / sub if (root / sub / "config.json").is_file() else root
     if not (net_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {root} nor in {root / sub}; {HOW_TO_PROVIDE}")
+        raise FileNotFoundError(f"{root} lacks {sub}/ (the denoiser): no config.json in {root / sub} nor in {root}; "
+                                f"{HOW_TO_PROVIDE}")
     for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
         if cand.is_file():
             return net_dir, cand
@@ -371,10 +375,9 @@ def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
         return *_from_folder(root, cfg, cls), f"path:{root}"
     if root is not None:
         if not root.is_dir():
-            script = TRAIN_SCRIPT.get(cfg["weights"], "harness.models.train")
             raise FileNotFoundError(f"the shipped weights folder {root} is missing (model.weights="
-                                    f"{cfg['weights']!r}); train it with `python -m {script} "
-                                    f"--name {cfg['weights']}` or {HOW_TO_PROVIDE}")
+                                    f"{cfg['weights']!r}); train it with `{TRAIN_COMMAND[cfg['weights']]}` "
+                                    f"or {HOW_TO_PROVIDE}")
         return *_from_folder(root, cfg, cls), "built-in"
     return *_from_hub(cfg, cls), f"hub:{cfg['hub_id']}"
 
