@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from harness.artifacts import ArtifactCache
+from harness.calibration import CALIB_SEED_OFFSET
 from harness.config import SamplerConfig
 from harness.metrics.features import build_extractor, images_to_features
-from harness.models.conditions import bind_prompts
+from harness.models.conditions import bind_prompts, read_prompts
 from harness.models.tiny import KINDS, build
 from harness.models.zoo import load_model, weights_fingerprint
 from harness.runner import run
@@ -216,3 +217,31 @@ def test_inception_takes_the_decoded_rgb_images(pipelines: dict[str, Path]) -> N
     images = sample(model, SamplerConfig("ddim", 2, 0.0), 2, 2, seed=0).images
     feats = images_to_features(build_extractor("inception", random_init=True), images, 2, progress=False)
     assert feats.pooled.shape == (2, 2048) and torch.isfinite(feats.pooled).all()
+
+
+def test_prompt_files_txt_csv_coco_json_and_records(tmp_path: Path) -> None:
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog \n")
+    (tmp_path / "p.csv").write_text('id,caption\n1,"a cat, sitting"\n2,a dog\n')
+    coco = {"images": [], "annotations": [{"image_id": 1, "id": 7, "caption": "a cat"}, {"caption": "a dog"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    (tmp_path / "records.json").write_text(json.dumps([{"text": "a cat"}, {"text": "a dog"}]))
+    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "p.csv") == ["a cat, sitting", "a dog"]
+    assert read_prompts(tmp_path / "coco.json") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "records.json", column="text") == ["a cat", "a dog"]
+    with pytest.raises(ValueError, match=r"no column 'prompt'.*\['id', 'caption'\]"):
+        read_prompts(tmp_path / "p.csv", column="prompt")
+    with pytest.raises(ValueError, match=r"lacks the column 'caption'"):
+        read_prompts(tmp_path / "records.json")
+    with pytest.raises(FileNotFoundError, match=r"eval\.prompts="):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_eval_and_calibration_draw_different_seeded_prompt_subsets(pipelines: dict[str, Path], tmp_path: Path) -> None:
+    model = load_model(model_cfg("t2i", pipelines["t2i"]))
+    bind_prompts(model.conditions, str(pipelines["prompts"]), "caption", ArtifactCache(tmp_path))
+    eval_ids = model.conditions.draw(0, 0, len(PROMPTS))
+    assert sorted(eval_ids.tolist()) == list(range(len(PROMPTS))), "every prompt once before any repeats"
+    assert torch.equal(model.conditions.draw(0, 2, 3), eval_ids[2:]), "a shard draws exactly its slice"
+    calib_ids = model.conditions.draw(0 + CALIB_SEED_OFFSET, 0, len(PROMPTS))
+    assert not torch.equal(calib_ids, eval_ids)
