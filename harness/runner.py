@@ -32,7 +32,7 @@ from harness.evaluate import evaluate, save_grid
 from harness.finite import NonFiniteError
 from harness.locks import hold
 from harness.metrics.uncertainty import FEATURES_FILE
-from harness.models.conditions import bind_prompts
+from harness.models.conditions import bind_prompts, prompts_fingerprint
 from harness.models.zoo import check_model_config, load_model, weights_fingerprint
 from harness.references import References
 from harness.run_id import run_id
@@ -50,6 +50,8 @@ def identity_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     depends on the content of the weights (retrained or replaced weights never resume old records)."""
     ident = {k: v for k, v in raw.items() if k != "fp_reference"}
     ident["model"] = {**raw["model"], "weights_sha256": weights_fingerprint(raw["model"])}
+    if (raw.get("eval") or {}).get("prompts"):  # the prompts' content, not only their path
+        ident["eval"] = {**raw["eval"], "prompts_sha256": prompts_fingerprint(raw["eval"]["prompts"])}
     if raw["method"].get("name") == "fp":
         ident["bits"] = {"weight_bits": 32, "act_bits": 32}
         ident["method"] = {"name": "fp"}

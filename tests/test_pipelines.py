@@ -23,7 +23,8 @@ from harness.metrics.features import build_extractor, images_to_features
 from harness.models.conditions import bind_prompts, read_prompts
 from harness.models.tiny import KINDS, build
 from harness.models.zoo import load_model, weights_fingerprint
-from harness.runner import run
+from harness.run_id import run_id
+from harness.runner import identity_config, run
 from harness.sampling import sample
 from harness.store import ResultsStore
 
@@ -245,3 +246,13 @@ def test_eval_and_calibration_draw_different_seeded_prompt_subsets(pipelines: di
     assert torch.equal(model.conditions.draw(0, 2, 3), eval_ids[2:]), "a shard draws exactly its slice"
     calib_ids = model.conditions.draw(0 + CALIB_SEED_OFFSET, 0, len(PROMPTS))
     assert not torch.equal(calib_ids, eval_ids)
+
+
+def test_an_edited_prompt_file_is_a_new_run(tmp_path: Path, pipelines: dict[str, Path]) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    raw = OmegaConf.to_container(run_cfg(tmp_path, "t2i", pipelines["t2i"], prompts, "fp"), resolve=True)
+    first = run_id(identity_config(raw))
+    assert run_id(identity_config(raw)) == first
+    prompts.write_text("a dog\n")
+    assert run_id(identity_config(raw)) != first, "same path, other prompts: never a stale resume"

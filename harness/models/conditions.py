@@ -153,6 +153,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def prompts_fingerprint(path: str | Path) -> str:
+    """Content hash of a prompt file for run identities (an edited file is a new run); cheap to recompute."""
+    path = Path(path).expanduser()
+    return _file_sha256(path) if path.is_file() else f"missing:{path}"  # loading fails later, explained
+
+
 @dataclass(eq=False, repr=False)
 class PromptEmbeddings(ConditionSource):
     """Prompts encoded by the pipeline's CLIP text encoder; unusable until `bind` gave it a prompt file."""
