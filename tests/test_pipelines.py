@@ -256,3 +256,16 @@ def test_an_edited_prompt_file_is_a_new_run(tmp_path: Path, pipelines: dict[str,
     assert run_id(identity_config(raw)) == first
     prompts.write_text("a dog\n")
     assert run_id(identity_config(raw)) != first, "same path, other prompts: never a stale resume"
+
+
+@torch.no_grad()
+def test_decoders_use_the_checkpoint_scaling_factor_and_the_vq_codebook(pipelines: dict[str, Path]) -> None:
+    kl = load_model(model_cfg("ldm_kl", pipelines["ldm_kl"]))
+    z = torch.randn(2, *kl.sample_shape)
+    assert kl.decoder.scaling_factor == 0.5, "read from vae/config.json, not the SD default 0.18215"
+    assert torch.allclose(kl.decode(z), kl.decoder.net.decode(z / 0.5).sample.clamp(-1, 1), atol=1e-6)
+    vq = load_model(model_cfg("ldm_vq", pipelines["ldm_vq"]))
+    z = torch.randn(2, *vq.sample_shape)
+    quantized = vq.decoder.net.decode(z / 0.8).sample.clamp(-1, 1)
+    unquantized = vq.decoder.net.decode(z / 0.8, force_not_quantize=True).sample.clamp(-1, 1)
+    assert torch.allclose(vq.decode(z), quantized, atol=1e-6) and not torch.allclose(quantized, unquantized)
