@@ -28,7 +28,9 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,11 @@ def to_markdown(rows: Sequence[dict[str, object]], n_test: int, calib_size: int,
     return "\n".join(lines) + "\n"
 
 
+def _run_part(setting: tuple[list[int], list[int | None]], **kwargs: object) -> list[dict[str, object]]:
+    torch.set_num_threads(1)
+    return run_table(*setting, **kwargs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.engine_check", description=__doc__.splitlines()[0])
     p.add_argument("--calib-size", type=int, default=256)
@@ -195,9 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=LR, help="AdaRound Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", default="4,3,2", help="weight bit-widths, comma list")
+    p.add_argument("--jobs", type=int, default=1, help="processes, one (W, A) setting each (single-threaded)")
     args = p.parse_args(argv)
-    rows = run_table([int(b) for b in args.bits.split(",")], calib_size=args.calib_size, iters=args.iters,
-                     lr=args.lr, seed=args.seed)
+    settings = [([int(b)], [a]) for b in args.bits.split(",") for a in (8, None)]
+    run = partial(_run_part, calib_size=args.calib_size, iters=args.iters, lr=args.lr, seed=args.seed)
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            parts = list(pool.map(run, settings))
+    else:
+        parts = [run(s) for s in settings]
+    rows = [parts[0][0], *(r for part in parts for r in part[1:])]  # one FP row, then every setting
     print(to_markdown(rows, 5000 - args.calib_size, args.calib_size, args.iters, args.lr), end="")
     return 0
 
