@@ -160,20 +160,28 @@ def test_bad_resize_mode_and_bad_reference_paths_are_rejected(tmp_path: Path) ->
     assert EvalConfig.parse(_eval_cfg(reference=str(tmp_path / "ok.npz"))).reference == str(tmp_path / "ok.npz")
 
 
-def test_run_measures_fid_against_a_user_folder(tmp_path: Path) -> None:
-    """End to end: eval.reference=/folder goes through validation, References and the metrics."""
+def test_eval_reference_path_reaches_the_runs_reference_statistics(tmp_path: Path) -> None:
+    """Wiring: eval.reference=/folder passes validation and References serves the folder's statistics
+    (with the extractor a run would make), cached under the user-reference artifact."""
     from hydra import compose, initialize_config_dir
 
-    from harness.runner import run
+    from harness.evaluate import make_extractor
+    from harness.models.zoo import load_model
+    from harness.references import References
+    from harness.runner import validate
 
     folder = _write_folder(tmp_path / "real", _digits(6))
     conf = str(Path(__file__).resolve().parents[1] / "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "model=ddpm_mnist", "method=fp", "eval=smoke", "logger=none", "sampler.steps=2", "eval.temporal=false",
-            "eval.extractor=lenet", f"eval.reference={folder}", f"paths.store={tmp_path / 'store'}",
-            f"paths.artifacts={tmp_path / 'artifacts'}", f"paths.outputs={tmp_path / 'out'}"])
-    rec = run(cfg)
-    assert rec.status == "finished", rec.traceback
-    assert rec.metrics["fid"] > 0 and rec.metrics["kid"] == rec.metrics["kid"]
+            "model=ddpm_mnist", "eval=smoke", "logger=none", "eval.extractor=lenet", f"eval.reference={folder}",
+            f"paths.artifacts={tmp_path / 'artifacts'}"])
+    rc, _ = validate(cfg)
+    model = load_model(rc.model)
+    refs = References(rc, model, ArtifactCache(rc.paths["artifacts"]))
+    extractor = make_extractor(rc, model)
+    assert refs.reference_kind() == str(folder) and extractor.name == "lenet"
+    stats = refs.reference_statistics(extractor, fp_samples=None)
+    assert int(stats["num_images"]) == 6
+    assert _equal(stats, reference_statistics(folder, LeNetExtractor(), 4, ArtifactCache(tmp_path / "other")))
     assert len(list((tmp_path / "artifacts" / "reference_stats_user").glob("*.safetensors"))) == 1
