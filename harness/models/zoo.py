@@ -226,8 +226,8 @@ def _local_layout(root: Path, family: str, subfolder: str | None) -> tuple[Path,
     sub = subfolder or PIPELINE_SUBFOLDER[family]
     net_dir = root / sub if (root / sub / "config.json").is_file() else root
     if not (net_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{root} lacks {sub}/ (the denoiser): no config.json in {root / sub} nor in {root}; "
-                                f"{HOW_TO_PROVIDE}")
+        raise FileNotFoundError(f"no config.json in {root / sub} nor in {root}: the folder lacks {sub}/ (the "
+                                f"denoiser); {HOW_TO_PROVIDE}")
     for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
         if cand.is_file():
             return net_dir, cand
