@@ -10,6 +10,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
 from harness.metrics.temporal import (
+    PSNR_CEILING_DB,
     capture_temporal_features,
     psnr,
     temporal_feature_error,
@@ -101,6 +102,6 @@ def test_trajectory_error_and_psnr() -> None:
     assert trajectory_error(fp, q) == pytest.approx([0.0, 0.25, 4.0])
     images = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
     assert psnr(images, images + 0.1) == pytest.approx(10 * math.log10(4 / 0.01))
-    assert psnr(images, images) == math.inf
+    assert psnr(images, images) == pytest.approx(PSNR_CEILING_DB) == pytest.approx(58.92, abs=0.01)
     with pytest.raises(ValueError, match="shape"):
         trajectory_error(fp, q[:2])

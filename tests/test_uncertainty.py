@@ -191,3 +191,26 @@ def test_uncertainty_metrics_write_and_read_back(tmp_path: Path) -> None:
     back = U.SampleSet.load(tmp_path / U.FEATURES_FILE)
     assert len(back) == 60 and set(back.available()) == set(sample.available())
     assert np.allclose(back.pooled, feats.pooled.numpy(), atol=1e-6)
+
+
+def test_weighted_fid_with_fewer_samples_than_dimensions_matches_sqrtm() -> None:
+    """The n < d path (Gram matrix, small eigh per resample; 2048-d Inception at small n) gives the
+    FID that scipy's sqrtm gives on each resample's d x d covariance."""
+    from scipy.linalg import sqrtm
+
+    from harness.metrics.uncertainty import Bootstrap, weighted_fid
+
+    rng = np.random.default_rng(3)
+    n, d = 9, 120
+    x = rng.normal(size=(n, d))
+    ref = rng.normal(size=(500, d)) * 1.3 + 0.2
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    w = Bootstrap(resamples=10).counts(n)
+    expected = []
+    for wb in w:
+        t = wb.sum()
+        m = wb @ x / t
+        cov = ((x - m).T * wb) @ (x - m) / (t - 1)
+        expected.append(((m - mu) ** 2).sum() + np.trace(cov) + np.trace(sigma)
+                        - 2 * np.trace(sqrtm(sigma @ cov)).real)
+    np.testing.assert_allclose(weighted_fid(x, w, mu, sigma), expected, rtol=1e-6)

@@ -120,12 +120,6 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor, confidence: float
             "confident_fraction": float((probs.max(dim=1).values >= confidence).float().mean())}
 
 
-def per_image_psnr(fp_images: torch.Tensor, q_images: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """PSNR (dB) of each quantized image against its FP twin; its mean is `temporal.psnr`."""
-    mse = (fp_images.double() - q_images.double()).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(data_range**2 / mse)
-
-
 def sample_set(feats: Features, reference: dict[str, torch.Tensor], labels: torch.Tensor | None = None,
                psnr: torch.Tensor | None = None, confidence: float = CONFIDENCE) -> SampleSet:
     """The per-sample quantities the bootstrap needs: features, per-image PSNR, per-image correctness

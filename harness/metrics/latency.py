@@ -3,10 +3,10 @@
 Latency is the median wall time of one denoiser call (the unit every sampler repeats) per batch
 size, after warm-up, timed by torch.utils.benchmark (CUDA synchronised, IQR reported): a fixed
 number of single calls per run (`eval.latency`), blocked_autorange in the latency benchmark. Peak
-memory is CUDA's max allocated on a GPU; on a CPU only the process's peak RSS is available (a high-water mark since the process
-started, so it includes everything loaded before). The CPU's vector / matrix extensions are
-reported because they decide whether integer kernels can be fast at all (AVX2 without VNNI makes
-int8 slower than fp32).
+memory is CUDA's max allocated on a GPU; on a CPU only the process's peak RSS is available (a
+high-water mark since the process started, so it includes everything loaded before). The CPU's
+vector / matrix extensions are reported because they decide whether integer kernels can be fast at
+all (AVX2 without VNNI makes int8 slower than fp32).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ replacement (cached features), and whatever sits there is what the block consume
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 
@@ -97,9 +98,21 @@ def trajectory_error(fp_traj: torch.Tensor, q_traj: torch.Tensor) -> list[float]
     return diff.pow(2).flatten(1).mean(dim=1).tolist()
 
 
-def psnr(fp_images: torch.Tensor, q_images: torch.Tensor, data_range: float = 2.0) -> float:
-    """Mean per-image PSNR (dB) of quantized vs FP samples in [-1, 1] (range 2); inf when identical."""
+# PSNR of 8-bit images is bounded: a difference below the quantization noise of one 8-bit level
+# (variance step^2 / 12, step = range / 255) does not survive a saved image. Per-image MSE is floored
+# there, so identical images (a perfect W8A8 run through a VQ decoder) record this ceiling, not inf.
+PSNR_CEILING_DB = 10 * math.log10(12 * 255**2)
+
+
+def per_image_psnr(fp_images: torch.Tensor, q_images: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR (dB) of each quantized image against its FP twin (images in [-1, 1], range 2), at most
+    PSNR_CEILING_DB."""
     if fp_images.shape != q_images.shape:
         raise ValueError(f"image sets differ in shape: {tuple(fp_images.shape)} vs {tuple(q_images.shape)}")
     mse = (fp_images.double() - q_images.double()).pow(2).flatten(1).mean(dim=1)
-    return float((10 * torch.log10(data_range**2 / mse)).mean())
+    return 10 * torch.log10(data_range**2 / mse.clamp_min((data_range / 255) ** 2 / 12))
+
+
+def psnr(fp_images: torch.Tensor, q_images: torch.Tensor, data_range: float = 2.0) -> float:
+    """Mean per-image PSNR (dB) of quantized vs FP samples."""
+    return float(per_image_psnr(fp_images, q_images, data_range).mean())

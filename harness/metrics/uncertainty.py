@@ -167,8 +167,12 @@ def weighted_fid(x: np.ndarray, w: np.ndarray, mu_ref: np.ndarray, sigma_ref: np
     sigma_ref = np.asarray(sigma_ref, np.float64)
     root = _sym_sqrt(sigma_ref)
     n, d = x.shape
+    if n < d:
+        return _weighted_fid_gram(x, w, mu, total, mu_ref, sigma_ref)
     xt = torch.from_numpy(x)
-    chunk = max(1, _CHUNK_ELEMENTS // (n * d))
+    # Both the weighted rows (n*d) and each resample's covariance (d*d) count: 2048-d Inception
+    # features at 200 resamples per chunk would be 6.7 GB of covariances alone.
+    chunk = max(1, _CHUNK_ELEMENTS // max(n * d, d * d))
     out = np.empty(len(w))
     for s in range(0, len(w), chunk):
         wc, muc, tc = w[s:s + chunk], mu[s:s + chunk], total[s:s + chunk]
@@ -178,6 +182,29 @@ def weighted_fid(x: np.ndarray, w: np.ndarray, mu_ref: np.ndarray, sigma_ref: np
         tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum(1)
         diff = ((muc - mu_ref) ** 2).sum(1)
         out[s:s + chunk] = diff + np.trace(cov, axis1=1, axis2=2) + np.trace(sigma_ref) - 2 * tr_sqrt
+    return out
+
+
+def _weighted_fid_gram(x: np.ndarray, w: np.ndarray, mu: np.ndarray, total: np.ndarray, mu_ref: np.ndarray,
+                       sigma_ref: np.ndarray) -> np.ndarray:
+    """`weighted_fid` when there are fewer samples than feature dimensions (e.g. 2048-d Inception).
+
+    A resample's covariance has rank < n, and the nonzero eigenvalues of S_ref^1/2 S S_ref^1/2 are
+    those of the n x n matrix D^1/2 Xc S_ref Xc' D^1/2 / (t - 1) (D = diag(w), Xc centred by the
+    resample's mean), built from the Gram matrix G = X S_ref X' computed once: one small eigh per
+    resample (rows with zero count dropped) instead of a d x d one."""
+    g = x @ sigma_ref @ x.T
+    sq = (x * x).sum(1)
+    out = np.empty(len(w))
+    for b, (wb, tb) in enumerate(zip(w, total, strict=True)):
+        keep = wb > 0
+        gk, wk = g[np.ix_(keep, keep)], wb[keep]
+        gw = gk @ wk / tb
+        m = gk - gw[:, None] - gw[None, :] + (wk @ gw) / tb
+        root_w = np.sqrt(wk)
+        eig = np.linalg.eigvalsh(root_w[:, None] * m * root_w[None, :] / (tb - 1))
+        tr_cov = (wb @ sq - tb * mu[b] @ mu[b]) / (tb - 1)
+        out[b] = ((mu[b] - mu_ref) ** 2).sum() + tr_cov + np.trace(sigma_ref) - 2 * np.sqrt(np.clip(eig, 0, None)).sum()
     return out
 
 
