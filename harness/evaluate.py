@@ -21,13 +21,18 @@ from harness.metrics.features import FeatureExtractor, build_extractor
 from harness.metrics.fidelity import (
     class_accuracy,
     features_to_metrics,
-    per_image_psnr,
     sample_set,
     uncertainty_metrics,
 )
 from harness.metrics.latency import fp32_weight_bytes, measure_latency, weight_bytes
 from harness.metrics.reference_data import statistics_only_metrics
-from harness.metrics.temporal import capture_temporal_features, psnr, temporal_feature_error, trajectory_error
+from harness.metrics.temporal import (
+    capture_temporal_features,
+    per_image_psnr,
+    psnr,
+    temporal_feature_error,
+    trajectory_error,
+)
 from harness.models.base import DiffusionModel
 from harness.references import References
 from harness.sampling import Samples
