@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -200,14 +201,24 @@ def main(argv: list[str] | None = None) -> None:
 def run(net: UNet2DModel, ema: UNet2DModel, sched: DDPMScheduler, opt: torch.optim.Optimizer,
         gen: torch.Generator, data: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace,
         conditional: bool, meta: dict, out: Path, ckpt: Path) -> None:
-    """The loop: log the mean loss every `log_every` steps, checkpoint + export every `ckpt_every`."""
+    """Train the pixel UNet with the shared loop (export = the diffusers folder of the EMA weights)."""
+    train_loop(net, ema, opt, gen, lambda: train_step(net, sched, data, labels, gen, args, conditional),
+               lambda: export(ema, sched, out, meta), args, meta, ckpt, args.name)
+
+
+def train_loop(net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+               step_fn: Callable[[], torch.Tensor], export_fn: Callable[[], None], args: argparse.Namespace,
+               meta: dict, ckpt: Path, name: str) -> None:
+    """The training loop of every model here (any loss): log the mean loss every `log_every` steps,
+    checkpoint + export every `ckpt_every`."""
     start, window = time.perf_counter() - meta["wall_seconds"], []
     first, tick = meta["step"], time.perf_counter()
     last = args.steps if args.max_steps_this_run is None else min(args.steps, first + args.max_steps_this_run)
+    net.train()
     for step in range(first, last):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss = train_step(net, sched, data, labels, gen, args, conditional)
+        loss = step_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -219,13 +230,13 @@ def run(net: UNet2DModel, ema: UNet2DModel, sched: DDPMScheduler, opt: torch.opt
         if done % args.log_every == 0 or done == last:
             meta["loss_curve"].append([done, round(sum(window) / len(window), 5)])
             per_step, window, tick = (time.perf_counter() - tick) / len(window), [], time.perf_counter()
-            print(f"{args.name} step {done}/{args.steps} loss {meta['loss_curve'][-1][1]:.4f} "
-                  f"lr {lr_at(step, args):.2e} {per_step:.2f}s/step wall {meta['wall_seconds']:.0f}s",
-                  flush=True)
+            meta["s_per_step_last"] = round(per_step, 3)
+            print(f"{name} step {done}/{args.steps} loss {meta['loss_curve'][-1][1]:.4f} "
+                  f"lr {lr_at(step, args):.2e} {per_step:.2f}s/step wall {meta['wall_seconds']:.0f}s", flush=True)
         if done % args.ckpt_every == 0 or done == last:
             meta["finished"] = done == args.steps
             save_checkpoint(ckpt, state_tensors(net, ema, opt, gen), meta)
-            export(ema, sched, out, meta)
+            export_fn()
 
 
 if __name__ == "__main__":

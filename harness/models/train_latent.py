@@ -51,11 +51,8 @@ from harness.models.train import (
     MNIST_SCHEDULER,
     NUM_CLASSES,
     WEIGHTS_DIR,
-    ema_update,
     load_state,
-    lr_at,
-    save_checkpoint,
-    state_tensors,
+    train_loop,
 )
 
 STAGES = ("vae", "ldm", "dit")
@@ -308,38 +305,6 @@ def main(argv: list[str] | None = None) -> None:
             export_pipeline(args.stage, ema, sched, vae_dir, out, meta)
 
     train_loop(net, ema, opt, gen, step_fn, export_fn, args, meta, ckpt, name)
-
-
-def train_loop(net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-               step_fn: callable, export_fn: callable, args: argparse.Namespace, meta: dict, ckpt: Path,
-               name: str) -> None:
-    """train.run's loop for any loss: log every `log_every` steps, checkpoint + export every `ckpt_every`."""
-    start, window = time.perf_counter() - meta["wall_seconds"], []
-    first, tick = meta["step"], time.perf_counter()
-    last = args.steps if args.max_steps_this_run is None else min(args.steps, first + args.max_steps_this_run)
-    net.train()
-    for step in range(first, last):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = step_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, net, step, args.ema_decay)
-        window.append(loss.item())
-        done = step + 1
-        meta["step"], meta["wall_seconds"] = done, round(time.perf_counter() - start, 1)
-        if done % args.log_every == 0 or done == last:
-            meta["loss_curve"].append([done, round(sum(window) / len(window), 5)])
-            per_step, window, tick = (time.perf_counter() - tick) / len(window), [], time.perf_counter()
-            meta["s_per_step_last"] = round(per_step, 3)
-            print(f"{name} step {done}/{args.steps} loss {meta['loss_curve'][-1][1]:.4f} "
-                  f"lr {lr_at(step, args):.2e} {per_step:.2f}s/step wall {meta['wall_seconds']:.0f}s", flush=True)
-        if done % args.ckpt_every == 0 or done == last:
-            meta["finished"] = done == args.steps
-            save_checkpoint(ckpt, state_tensors(net, ema, opt, gen), meta)
-            export_fn()
 
 
 # ----------------------------------------------------------------------------------------- evaluation
