@@ -234,3 +234,21 @@ def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, caps
     assert main(["--store", str(store.root), "--out", str(out), "--format", "pdf"]) == 2
     assert main(["--store", str(tmp_path / "empty"), "--out", str(out)]) == 1
     assert "nothing written" in capsys.readouterr().err
+
+
+def test_feature_files_fall_back_to_the_store_copy(tmp_path: Path) -> None:
+    """A fresh clone has no outputs/ folder: the paired tests read <store>/features/<run_id>.safetensors."""
+    from harness.aggregate.cli import feature_files
+    from harness.store import RunRecord
+
+    store = tmp_path / "store"
+    (store / "features").mkdir(parents=True)
+    kept = store / "features" / "bbb.safetensors"
+    kept.write_bytes(b"x")
+    own = tmp_path / "own.safetensors"
+    own.write_bytes(b"x")
+    records = [RunRecord(run_id="aaa", model="m", method="rtn", bits="w8a8", artifacts={"eval_features": str(own)}),
+               RunRecord(run_id="bbb", model="m", method="rtn", bits="w8a8",
+                         artifacts={"eval_features": str(tmp_path / "gone.safetensors")}),
+               RunRecord(run_id="ccc", model="m", method="rtn", bits="w8a8")]
+    assert feature_files(store, records) == {"aaa": own, "bbb": kept}

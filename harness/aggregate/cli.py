@@ -18,7 +18,7 @@ from harness.aggregate.plots import plot_temporal_error
 from harness.aggregate.render import RENDERERS
 from harness.aggregate.significance import ALPHA, Evidence
 from harness.aggregate.table import LAYOUTS, make_table
-from harness.store import ResultsStore
+from harness.store import ResultsStore, RunRecord
 
 FORMATS = ("latex", "md", "csv")
 PLOT_FILE = "temporal_feature_error.png"
@@ -26,6 +26,19 @@ PLOT_FILE = "temporal_feature_error.png"
 
 def _csv_list(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def feature_files(store: Path, records: Sequence[RunRecord]) -> dict[str, Path]:
+    """Each run's per-sample features for the paired tests: the file its record names (the run's
+    outputs folder), else `<store>/features/<run_id>.safetensors`, where committed reference stores
+    keep them so a fresh clone's tables bold what the original's did."""
+    out: dict[str, Path] = {}
+    for r in records:
+        for path in (Path(r.artifacts.get("eval_features", "")), store / "features" / f"{r.run_id}.safetensors"):
+            if path.name and path.is_file():
+                out[r.run_id] = path
+                break
+    return out
 
 
 def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics: Sequence[str] = (),
@@ -39,8 +52,7 @@ def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics:
             raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
     records = ResultsStore(store).records()
     frame = filter_frame(records_frame(records), model=model, bits=bits, method=method)
-    evidence = Evidence({r.run_id: Path(r.artifacts["eval_features"]) for r in records
-                         if "eval_features" in r.artifacts})
+    evidence = Evidence(feature_files(store, records))
     written: list[Path] = []
     for kind in kinds:
         table = make_table(frame, kind, metrics, alpha, evidence)
