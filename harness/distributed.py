@@ -17,6 +17,7 @@ torchrun (WORLD_SIZE unset or 1) every function here is the plain single-process
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -55,8 +56,15 @@ def init_from_env() -> bool:
         torch.cuda.set_device(local_device())
         backend = "nccl"
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=TIMEOUT_S))
+    # A process group left to interpreter teardown can abort (SIGABRT) in gloo's destructor.
+    atexit.register(_shutdown)
     log.info("rank %d of %d (%s, device %s)", rank(), world_size(), backend, local_device())
     return True
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def active() -> bool:
