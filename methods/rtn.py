@@ -19,7 +19,7 @@ from methods.base import METHODS, Method, MethodReport, check_rows
 from methods.engine.attention import quantize_attention
 from methods.engine.calibrate import calibrate_activations
 from methods.engine.modules import QuantSpec, act_quantizers, freeze_weights, quant_layers, quantize_layers
-from methods.settings import RANGE_INITS, MethodSettings, bounded, choice
+from methods.settings import GridSettings, bounded
 
 
 def method_spec(spec: QuantSpec, cfg: dict[str, Any]) -> QuantSpec:
@@ -63,14 +63,9 @@ def finish(model: DiffusionModel) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RTNSettings(MethodSettings):
+class RTNSettings(GridSettings):
     """The keys of conf/method/rtn.yaml (top level and recipes), checked before anything loads."""
 
-    weight_init: str = choice("minmax", RANGE_INITS)
-    act_init: str = choice("minmax", RANGE_INITS)
-    weight_symmetric: bool = False
-    act_symmetric: bool = False
-    quant_attention: bool = True
     calib_rows: int = bounded(lo=1)
     batch_size: int = bounded(lo=1)
 

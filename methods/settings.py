@@ -44,14 +44,22 @@ class MethodSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReconSettings(MethodSettings):
+class GridSettings(MethodSettings):
+    """The quantization grid every quantizing method sets: range inits, symmetry, attention quantizers."""
+
+    weight_init: str = choice("minmax", RANGE_INITS)
+    act_init: str = choice("minmax", RANGE_INITS)
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    quant_attention: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconSettings(GridSettings):
     """Keys read by the engine's block reconstruction (methods/engine/reconstruction.ReconConfig)."""
 
     weight_init: str = choice("mse", RANGE_INITS)
     act_init: str = choice("mse", RANGE_INITS)
-    weight_symmetric: bool = False
-    act_symmetric: bool = False
-    quant_attention: bool = True
     lr: float = bounded(1e-3, lo=0.0)
     act_lr: float = bounded(4e-5, lo=0.0)
     weight_lambda: float = bounded(0.01, lo=0.0)
