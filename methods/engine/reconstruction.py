@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel, denoise
+from methods.engine import events
 from methods.engine.adaround import AdaRound, freeze_layer
 from methods.engine.blocks import find_blocks
 from methods.engine.calibrate import batch_inputs, net_device
@@ -150,6 +151,7 @@ def optimize_layers(
             if it % 50 == 0 or it == iters - 1:  # reading the loss syncs a GPU: not every step
                 final = float(rec.detach())
                 bar.set_postfix(rec=f"{final:.4g}")
+                events.emit("recon_iter", block=desc, iter=it, loss=final, weights=len(roundings), acts=len(act_params))
     finally:
         for p in act_params:
             p.requires_grad_(False)
@@ -428,6 +430,7 @@ def _reconstruct_unit(
     before = evaluate()
     result = optimize_layers(layers, act_params, loss_fn, cfg, desc=name)
     after = evaluate()
+    events.emit("recon_block", block=name, before=before, after=after, weights=len(layers), acts=len(act_params))
     return {
         "loss_before": before,
         "loss_after": after,
