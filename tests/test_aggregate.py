@@ -7,6 +7,7 @@ import io
 import shutil
 import subprocess
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -54,8 +55,9 @@ def _records() -> list[RunRecord]:
         _rec(9, "cifar", "fp", "w32a32", fid=18.0, **{"is": 7.5}),
         _rec(10, "ddpm_mnist", "tfmq", "w4a8", variant="no_tiar", fid=9.9, sfid=11.5, **{"is": 8.5}),
         _rec(11, "ddpm_mnist", "tfmq", "w4a8", variant="no_fsc", fid=9.6, sfid=11.1, **{"is": 8.6}),
-        _rec(12, "ddpm_mnist", "fp", "w32a32", kind="latency", backend="openvino", latency_ms=10.0, weight_bytes=2e6),
-        _rec(13, "ddpm_mnist", "rtn", "w8a8", kind="latency", backend="openvino", latency_ms=14.0,
+        _rec(12, "ddpm_mnist", "fp", "w32a32", kind="latency", backend="openvino", latency_ms_b1=10.0,
+             latency_ms_b4=20.0, ms_per_image_b4=5.0, weight_bytes=2e6),
+        _rec(13, "ddpm_mnist", "rtn", "w8a8", kind="latency", backend="openvino", latency_ms_b1=14.0,
              weight_bytes=5e5),
         _rec(14, "ddpm_mnist", "rtn", "w4a8", status="failed"),
     ]
@@ -68,16 +70,18 @@ def frame() -> pd.DataFrame:
 
 
 GOLDEN_QUALITY = """\
+Sample quality of each PTQ method per model and bit-width, against the FP model.
+
 | Model | Bits | Method | n | FID↓ | sFID↓ | IS↑ | TFE↓ |
 |---|---|---|---|---:|---:|---:|---:|
 | cifar | w32a32 | FP | 1 | 18.00 ± 0.05 | – | 7.50 ± 0.05 | – |
-|  | w4a8 | TFMQ-DM | 1 | 20.00 ± 0.05 | – | 7.00 ± 0.05 | 0.4250 |
+|  | w4a8 | TFMQ-DM | 1 | 20.00 ± 0.05 | – | 7.00 ± 0.05 | 0.425 |
 | ddpm_mnist | w32a32 | FP | 1 | 5.00 ± 0.05 | 6.00 ± 0.05 | 9.10 ± 0.05 | – |
-|  | w8a8 | RTN | 1 | 6.50 ± 0.05 | 7.00 ± 0.05 ≈ | 9.00 ± 0.05 ≈ | 0.3500 |
-|  |  | TFMQ-DM | 1 | **6.10 ± 0.05** | 7.00 ± 0.05 ≈ | 9.05 ± 0.05 ≈ | 0.3750 |
-|  | w4a8 | RTN | 1 | 12.00 ± 0.05 | **10.50 ± 0.05** | 8.00 ± 0.05 | 0.3000 |
-|  |  | Q-Diffusion | 1 | 10.00 ± 0.05 | 12.00 ± 0.05 | **8.95 ± 0.05** | 0.3250 |
-|  |  | TFMQ-DM | 2 | **9.30 ± 0.14** | 11.10 ± 0.14 | 8.80 ± 0.14 | 0.2625 ± 0.0177 |
+|  | w8a8 | RTN | 1 | 6.50 ± 0.05 | 7.00 ± 0.05 ≈ | 9.00 ± 0.05 ≈ | 0.350 |
+|  |  | TFMQ-DM | 1 | **6.10 ± 0.05** | 7.00 ± 0.05 ≈ | 9.05 ± 0.05 ≈ | 0.375 |
+|  | w4a8 | RTN | 1 | 12.00 ± 0.05 | **10.50 ± 0.05** | 8.00 ± 0.05 | 0.300 |
+|  |  | Q-Diffusion | 1 | 10.00 ± 0.05 | 12.00 ± 0.05 | **8.95 ± 0.05** | 0.325 |
+|  |  | TFMQ-DM | 2 | **9.30 ± 0.14** | 11.10 ± 0.14 | 8.80 ± 0.14 | 0.262 ± 0.018 |
 """
 
 
@@ -86,7 +90,7 @@ def test_golden_quality_markdown(frame: pd.DataFrame) -> None:
     md = to_markdown(table)
     assert md.startswith(GOLDEN_QUALITY) and md[len(GOLDEN_QUALITY):] == "".join(f"\n{n}\n" for n in table.notes)
     assert table.notes[0] == ("Cells: mean ± std over seeds (n > 1); value ± half-width of its 95 % bootstrap CI "
-                              "over the eval samples (n = 1, 200 resamples).")
+                              "over the eval samples (n = 1, 200 resamples); n: seeds averaged in a row.")
     assert table.notes[1].startswith("Bold: significantly better than every other row of its group at alpha = 0.05 "
                                      "(tests: the runs' bootstrap intervals;")
 
@@ -165,10 +169,13 @@ def test_ablation_and_latency_tables(frame: pd.DataFrame) -> None:
     assert [r.label[1] for r in ablation.rows] == ["no_fsc", "no_tiar", "full"]
     assert {r.group for r in ablation.rows} == {("ddpm_mnist", "w4a8")}, "only ablated groups"
     latency = make_table(frame, "latency")
-    assert latency.group_cols == ("Model", "Backend") and [m.key for m in latency.metrics] == ["latency_ms",
-                                                                                             "weight_bytes"]
+    assert latency.group_cols == ("Model", "Backend")
+    assert [m.key for m in latency.metrics] == ["latency_ms_b1", "ms_per_image_b4", "weight_bytes"], "per batch"
+    assert [m.display for m in latency.metrics] == ["ms/call, batch 1", "ms/image, batch 4", "weight MB"]
     assert [r.label for r in latency.rows] == [("w32a32", "FP"), ("w8a8", "RTN")]
-    assert "0.50" in to_markdown(latency) and "2.00" in to_markdown(latency), "weight bytes shown in MB"
+    md = to_markdown(latency)
+    assert "0.50" in md and "2.00" in md and "weight MB: packed weight memory (10⁶ bytes)" in md, "bytes as MB"
+    assert "| 14.00 | – | **0.50** |" in md, "a batch size a record did not measure is an empty cell"
     assert make_table(records_frame([_rec(1, "m", "rtn", "w8a8", fid=1.0)]), "latency").rows == ()
 
 
@@ -181,13 +188,56 @@ def test_latex_structure_and_escaping(frame: pd.DataFrame) -> None:
                                                  r"\textasciicircum{}i\textbackslash{}j")
 
 
+def _wide_frame() -> pd.DataFrame:
+    """Every default quality column, as the reference sweep's table has them: wider than a page."""
+    many = dict(fid=23.88, fid_inf=18.49, sfid=2.88, kid=9.8043, psnr_vs_fp=25.96, calib_seconds=334.6,
+                **{"is": 8.17})
+    return records_frame([_rec(i, "ddpm_mnist_cond", m, "w4a8", **{k: v + i for k, v in many.items()})
+                          for i, m in enumerate(("rtn", "ptq4dm", "qdiff", "tfmq"))])
+
+
+def test_latex_fits_the_page_with_caption_label_and_units(frame: pd.DataFrame) -> None:
+    wide = to_latex(make_table(_wide_frame(), "quality"))
+    assert r"\resizebox{\linewidth}{!}{%" in wide and r"\small" in wide and r"\label{tab:quality}" in wide
+    assert "KID: unscaled" in wide and r"\caption{Sample quality" in wide
+    assert r"\resizebox" not in to_latex(make_table(frame, "quality", ["fid"])), "a table that fits is not scaled"
+    latency = to_latex(make_table(frame, "latency"))
+    assert "ms/call, batch 1" in latency and r"\label{tab:latency}" in latency
+
+
+def test_extractor_named_in_headers_and_caption() -> None:
+    def rec(i: int, model: str, dataset: str) -> RunRecord:
+        cfg = {"eval": {"extractor": "auto", "n_samples": 1000}, "model": {"dataset": dataset}}
+        return replace(_rec(i, model, "rtn", "w8a8", fid=7.0), config=cfg)
+
+    lenet = make_table(records_frame([rec(1, "ddpm_mnist", "mnist")]), "quality")
+    assert lenet.metrics[0].display == "LeNet-FID" and any("LeNet-5 features" in n for n in lenet.notes)
+    assert "over the 1,000 eval samples" in lenet.notes[0]
+    mixed = make_table(records_frame([rec(1, "ddpm_mnist", "mnist"), rec(2, "cifar", "cifar10")]), "quality")
+    assert mixed.metrics[0].display == "FID" and any("InceptionV3 features otherwise" in n for n in mixed.notes)
+
+
+def test_number_formats_are_per_metric_and_column() -> None:
+    tfe = metric_info("tfe")
+    assert [tfe.format(v, tfe.column_decimals([1.014e-07, 0.0392])) for v in (1.014e-07, 0.0392)] == ["0.0000",
+                                                                                                    "0.0392"]
+    assert metric_info("kid").column_decimals([4.3, 14.7]) == 1 and metric_info("fid").format(12.7326) == "12.73"
+    md = to_markdown(make_table(_wide_frame(), "quality"))
+    assert "e-0" not in md and "±0.000000" not in md
+
+
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
-def test_latex_compiles_with_pdflatex(frame: pd.DataFrame, tmp_path: Path) -> None:
-    (tmp_path / "t.tex").write_text(to_latex(make_table(frame, "quality"), caption="PTQ_results", standalone=True))
-    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout[-2000:]
-    assert (tmp_path / "t.pdf").stat().st_size > 1000
+def test_latex_compiles_with_pdflatex_without_overfull_boxes(frame: pd.DataFrame, tmp_path: Path) -> None:
+    tables = {"synthetic": make_table(frame, "quality"), "wide": make_table(_wide_frame(), "quality"),
+              "latency": make_table(frame, "latency"), "ablation": make_table(frame, "ablation")}
+    for name, table in tables.items():
+        (tmp_path / f"{name}.tex").write_text(to_latex(table, standalone=True))
+        out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"{name}.tex"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout[-2000:]
+        assert (tmp_path / f"{name}.pdf").stat().st_size > 1000
+        log = (tmp_path / f"{name}.log").read_text(errors="replace")
+        assert "Overfull \\hbox" not in log, f"{name} overflows the page: {log[log.find('Overfull'):][:300]}"
 
 
 def test_csv_has_raw_means_and_stds(frame: pd.DataFrame) -> None:
@@ -202,12 +252,48 @@ def test_csv_has_raw_means_and_stds(frame: pd.DataFrame) -> None:
 def test_temporal_error_plot(tmp_path: Path) -> None:
     series = curve_series(_records())
     assert list(series) == [("cifar", "w4a8"), ("ddpm_mnist", "w8a8"), ("ddpm_mnist", "w4a8")]
-    steps, mean = series[("ddpm_mnist", "w4a8")]["TFMQ-DM"]
-    assert steps == STEPS and mean[-1] == pytest.approx((0.1 + 0.2) / 2), "seeds averaged point-wise"
-    assert "FP" not in series[("ddpm_mnist", "w4a8")], "FP is the reference, its error is zero"
+    tfmq = series[("ddpm_mnist", "w4a8")]["tfmq"]
+    assert tfmq.steps == STEPS and tfmq.n == 2 and tfmq.mean[-1] == pytest.approx((0.1 + 0.2) / 2)
+    assert (tfmq.lo[-1], tfmq.hi[-1]) == pytest.approx((0.1, 0.2)), "the band spans the seeds (min-max)"
+    assert "fp" not in series[("ddpm_mnist", "w4a8")], "FP is the reference, its error is zero"
     png = plot_temporal_error(_records(), tmp_path / "tfe.png")
-    assert png is not None and Image.open(png).size[0] > 1000
+    assert png is not None and png.with_suffix(".pdf").read_bytes().startswith(b"%PDF"), "PNG and PDF"
+    width, height = Image.open(png).size
+    assert 2000 < width < 3000 and 500 < height < 800, "3 panels fit one row of a grid that wraps after 3"
+    records = _records() + [_rec(30 + i, f"m{i}", "rtn", "w8a8", fid=1.0) for i in range(2)]
+    wrapped = plot_temporal_error(records, tmp_path / "tfe5.png")
+    assert Image.open(wrapped).size[1] > 1.8 * height, "5 panels wrap into a second row"
     assert plot_temporal_error([_rec(1, "m", "fp", "w32a32")], tmp_path / "none.png") is None
+
+
+def test_one_colour_per_method_everywhere(tmp_path: Path) -> None:
+    """The palette is keyed by method, so a method keeps its colour whatever else a panel shows."""
+    from matplotlib.colors import to_hex
+
+    from harness.aggregate.style import METHOD_COLORS, grid_shape, method_color
+
+    assert method_color("tfmq") == METHOD_COLORS["tfmq"] and method_color("new_a") != method_color("new_b")
+    assert len(set(METHOD_COLORS.values())) == len(METHOD_COLORS)
+    assert [grid_shape(n) for n in (1, 3, 4, 7)] == [(1, 1), (1, 3), (2, 3), (3, 3)]
+    import harness.aggregate.plots as plots
+
+    seen: dict[str, set[str]] = {}
+    original = plots.save
+
+    def spy(fig, path):  # read the line colours of the figure the plot builds
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                seen.setdefault(line.get_label(), set()).add(to_hex(line.get_color()))
+        for text, handle in zip(fig.legends[0].get_texts(), fig.legends[0].legend_handles, strict=True):
+            seen.setdefault(text.get_text(), set()).add(to_hex(handle.get_color()))
+        return original(fig, path)
+
+    plots.save = spy
+    try:
+        plot_temporal_error(_records(), tmp_path / "c.png")
+    finally:
+        plots.save = original
+    assert seen["TFMQ-DM"] == {METHOD_COLORS["tfmq"].lower()} and seen["RTN"] == {METHOD_COLORS["rtn"].lower()}
 
 
 def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, capsys) -> None:
@@ -222,14 +308,15 @@ def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, caps
     printed = capsys.readouterr()
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(f"{k}.{e}" for k in ("quality", "ablation", "latency") for e in ("md", "tex", "csv")) + [
-        "temporal_feature_error.png"]
+        "temporal_feature_error.pdf", "temporal_feature_error.png"]
     assert all(f"wrote {out / n}" in printed.out for n in names)
     assert "broken.json" in printed.err
     assert (out / "quality.md").read_text().startswith(GOLDEN_QUALITY)
 
     assert main(["--store", str(store.root), "--out", str(tmp_path / "t2"), "--format", "md",
                  "--kind", "quality", "--bits", "w8a8", "--metrics", "fid"]) == 0
-    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == ["quality.md", "temporal_feature_error.png"]
+    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == ["quality.md", "temporal_feature_error.pdf",
+                                                                   "temporal_feature_error.png"]
     assert "w4a8" not in (tmp_path / "t2" / "quality.md").read_text()
     assert main(["--store", str(store.root), "--out", str(out), "--format", "pdf"]) == 2
     assert main(["--store", str(tmp_path / "empty"), "--out", str(out)]) == 1

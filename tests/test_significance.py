@@ -115,7 +115,7 @@ def test_table_flags_disagreement_and_explains_marks() -> None:
     md = to_markdown(table)
     assert "**19.70 ± 0.30** ‡" in md and "‡: FID and KID" in md
     tex = to_latex(table)
-    assert r"\textbf{19.70$\pm$0.30}$^\ddagger$" in tex and r"$\ddagger$: FID and KID" in tex
+    assert r"\textbf{19.70$\pm$0.30}$^\ddagger$" in tex and r"$^\ddagger$: FID and KID" in tex
     assert "ci_level" not in [m.key for m in make_table(frame, "quality").metrics], "settings are no columns"
     with pytest.raises(ValueError, match="alpha"):
         make_table(frame, "quality", alpha=1.5)

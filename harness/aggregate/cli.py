@@ -12,12 +12,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from harness.aggregate.frame import filter_frame, records_frame
 from harness.aggregate.paper import PAPER_DIR, paper_table, read_paper_numbers
 from harness.aggregate.plots import plot_temporal_error
 from harness.aggregate.render import RENDERERS
 from harness.aggregate.significance import ALPHA, Evidence
-from harness.aggregate.table import LAYOUTS, make_table
+from harness.aggregate.table import LAYOUTS, Table, make_table
 from harness.store import ResultsStore, RunRecord
 
 FORMATS = ("latex", "md", "csv")
@@ -41,40 +43,47 @@ def feature_files(store: Path, records: Sequence[RunRecord]) -> dict[str, Path]:
     return out
 
 
+def load_frame(store: Path, model: Sequence[str] = (), bits: Sequence[str] = (),
+               method: Sequence[str] = ()) -> tuple[list[RunRecord], pd.DataFrame, Evidence]:
+    """The store's records, their filtered table frame and the runs' saved bootstrap evidence."""
+    records = ResultsStore(store).records()
+    frame = filter_frame(records_frame(records), model=model, bits=bits, method=method)
+    return records, frame, Evidence(feature_files(store, records))
+
+
+def make_tables(frame: pd.DataFrame, evidence: Evidence, kinds: Sequence[str] = tuple(LAYOUTS),
+                metrics: Sequence[str] = (), alpha: float = ALPHA) -> dict[str, Table]:
+    """{kind: Table} for every kind with rows (the sweep's console, the files and the report share them)."""
+    tables = {kind: make_table(frame, kind, metrics, alpha, evidence) for kind in kinds}
+    return {kind: table for kind, table in tables.items() if table.rows}
+
+
 def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics: Sequence[str] = (),
               kinds: Sequence[str] = tuple(LAYOUTS), model: Sequence[str] = (), bits: Sequence[str] = (),
               method: Sequence[str] = (), paper: Path | None = None, alpha: float = ALPHA) -> list[Path]:
-    """Write <out>/<kind>.<ext> for every kind with records, and the TFE plot; with `paper` (a folder of
-    published numbers, results/paper), also <out>/paper.<ext>: those numbers beside the measured rows.
-    `alpha` is the level of the significance marks (paired tests read each run's saved features)."""
+    """Write <out>/<kind>.<ext> for every kind with records, and the TFE figure (PNG and PDF); with `paper`
+    (a folder of published numbers, results/paper), also <out>/paper.<ext>: those numbers beside the
+    measured rows. `alpha` is the level of the significance marks (paired tests read each run's saved
+    features)."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
-    records = ResultsStore(store).records()
-    frame = filter_frame(records_frame(records), model=model, bits=bits, method=method)
-    evidence = Evidence(feature_files(store, records))
+    records, frame, evidence = load_frame(store, model, bits, method)
+    tables = make_tables(frame, evidence, kinds, metrics, alpha)
+    if paper is not None:
+        tables["paper"] = paper_table(frame, read_paper_numbers(paper), tuple(metrics))
     written: list[Path] = []
-    for kind in kinds:
-        table = make_table(frame, kind, metrics, alpha, evidence)
-        if not table.rows:
-            continue
+    for kind, table in tables.items():
         for fmt in formats:
             render, ext = RENDERERS[fmt]
             path = out / f"{kind}.{ext}"
             out.mkdir(parents=True, exist_ok=True)
             path.write_text(render(table), encoding="utf-8")
             written.append(path)
-    if paper is not None:
-        table = paper_table(frame, read_paper_numbers(paper), tuple(metrics))
-        for fmt in formats:
-            render, ext = RENDERERS[fmt]
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"paper.{ext}").write_text(render(table), encoding="utf-8")
-            written.append(out / f"paper.{ext}")
     if "quality" in kinds:
         kept = set(frame["run_id"])
         plot = plot_temporal_error([r for r in records if r.run_id in kept], out / PLOT_FILE)
-        written += [plot] if plot else []
+        written += [plot, plot.with_suffix(".pdf")] if plot else []
     return written
 
 

@@ -38,6 +38,17 @@ def _derive(record: RunRecord) -> RunRecord:
     return replace(record, metrics={**record.metrics, **extra})
 
 
+def extractor(record: RunRecord) -> str:
+    """The features behind a quality record's FID/IS/KID, `auto` resolved as the runner does
+    (harness/evaluate.py: LeNet-5 for MNIST models, Inception otherwise); '' when not recorded."""
+    if record.kind != "quality":
+        return ""
+    name = str((record.config.get("eval") or {}).get("extractor", ""))
+    if name == "auto":
+        return "lenet" if (record.config.get("model") or {}).get("dataset") == "mnist" else "inception"
+    return name
+
+
 def finite_only(records: Sequence[RunRecord]) -> list[RunRecord]:
     """Leave out, with a warning, finished records holding a NaN or inf metric: records written before
     the runner failed such runs (a diverged model) must never reach a table as a number."""
@@ -50,10 +61,15 @@ def finite_only(records: Sequence[RunRecord]) -> list[RunRecord]:
 
 def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
     """Finished records with finite metrics as a DataFrame with axis columns as plain strings ('' = not
-    set) and `under_load`: whether the run's timings were measured under contention."""
+    set), `under_load` (whether the run's timings were measured under contention), `extractor` (the
+    feature network of its quality metrics) and `eval_samples` (how many samples they saw)."""
     finished = [_derive(r) for r in finite_only([r for r in records if r.finished])]
     frame = records_to_dataframe(finished)
     frame["under_load"] = [bool(r.environment.get("under_load", False)) for r in finished]
+    frame["extractor"] = [extractor(r) for r in finished]
+    # object dtype: a settings column, never mistaken for a float metric column
+    frame["eval_samples"] = pd.Series([(r.config.get("eval") or {}).get("n_samples") for r in finished],
+                                      index=frame.index, dtype=object)
     for axis in AXES:
         frame[axis] = frame[axis].astype(object).where(frame[axis].notna(), "").astype(str)
     frame.loc[frame["method"] == FP_METHOD, "bits"] = FP_BITS

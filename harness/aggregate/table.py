@@ -19,7 +19,13 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from harness.aggregate.frame import AXES, FP_BITS
-from harness.aggregate.metric_info import DEFAULT_METRICS, METRIC_INFO, MetricInfo, metric_info
+from harness.aggregate.metric_info import (
+    DEFAULT_METRICS,
+    METRIC_INFO,
+    MetricInfo,
+    metric_info,
+    with_extractor,
+)
 from harness.aggregate.significance import ALPHA, UNBIASED, Evidence, mark_group, ordering_flags
 
 AXIS_TITLES = {"model": "Model", "bits": "Bits", "method": "Method", "variant": "Variant",
@@ -32,6 +38,16 @@ LOAD_NOTE = ("*: measured under load (another harness process was running, or th
              "the core count); its latencies are inflated")
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
 _NOT_METRICS = re.compile(r"_ci_(lo|hi)$|^ci_(level|resamples)$")  # uncertainty columns, never table columns
+_BATCH_DEFAULT = re.compile(r"^(.*_b)<(min|max)>$")  # a DEFAULT_METRICS key measured at several batch sizes
+TITLES = {"quality": "Sample quality of each PTQ method per model and bit-width, against the FP model",
+          "ablation": "Ablation of TFMQ-DM: each component on its own and the full method",
+          "latency": "Denoiser latency and packed weight memory per backend"}
+EXTRACTOR_NOTES = {
+    "lenet": "FID, sFID, IS and KID use LeNet-5 features (MNIST models; LeNet-FID is not comparable with "
+             "Inception FID).",
+    "inception": "FID, sFID, IS and KID use InceptionV3 features.",
+    "mixed": "FID, sFID, IS and KID use LeNet-5 features for MNIST models and InceptionV3 features otherwise.",
+}
 TEST_NAMES = {"paired bootstrap": "a paired bootstrap over the shared eval samples",
               "CI": "the runs' bootstrap intervals", "seeds": "Welch's t-test over seeds",
               "exact": "exact values (byte counts)"}
@@ -64,6 +80,7 @@ class Table:
     metrics: tuple[MetricInfo, ...]
     rows: tuple[Row, ...]
     notes: tuple[str, ...] = ()  # printed under the table / in the LaTeX caption
+    title: str = ""  # the caption's first sentence: what the table shows
 
     @property
     def show_n(self) -> bool:
@@ -112,8 +129,17 @@ def choose_metrics(part: pd.DataFrame, kind: str, requested: Sequence[str] = ())
     """The requested metrics these records have; else the kind's defaults they have; else all."""
     present = present_metrics(part)
     chosen = [k for k in requested if k in present]
-    chosen = chosen or [k for k in DEFAULT_METRICS[kind] if k in present]
+    chosen = chosen or [k for d in DEFAULT_METRICS[kind] if (k := _batch_key(d, present)) in present]
     return chosen or present
+
+
+def _batch_key(key: str, present: Sequence[str]) -> str:
+    """`latency_ms_b<min>` -> the present `latency_ms_b<N>` of the smallest N (largest for <max>)."""
+    m = _BATCH_DEFAULT.match(key)
+    if not m:
+        return key
+    sizes = [int(k[len(m[1]):]) for k in present if k.startswith(m[1]) and k[len(m[1]):].isdigit()]
+    return f"{m[1]}{(min if m[2] == 'min' else max)(sizes)}" if sizes else key
 
 
 def _cell(part: pd.DataFrame, key: str) -> Cell:
@@ -157,7 +183,7 @@ def _mark(rows: list[Row], parts: list[pd.DataFrame], metrics: Sequence[MetricIn
 
 
 def _notes(rows: Sequence[Row], alpha: float, tests: set[str], flagged_by: str | None,
-           level: float | None, resamples: float | None) -> tuple[str, ...]:
+           level: float | None, resamples: float | None, samples: int | None = None) -> tuple[str, ...]:
     notes = []
     has_ci = any(c.ci is not None and c.std is None for r in rows for c in r.cells)
     has_std = any(c.std is not None for r in rows for c in r.cells)
@@ -166,10 +192,12 @@ def _notes(rows: Sequence[Row], alpha: float, tests: set[str], flagged_by: str |
         parts.append("mean ± std over seeds (n > 1)")
     if has_ci:
         what = f"{100 * level:g} % " if level else ""
-        parts.append(f"value ± half-width of its {what}bootstrap CI over the eval samples (n = 1"
+        evals = f"{samples:,} eval samples" if samples else "eval samples"
+        parts.append(f"value ± half-width of its {what}bootstrap CI over the {evals} (n = 1"
                      + (f", {int(resamples)} resamples)" if resamples else ")"))
     if parts:
-        notes.append("Cells: " + "; ".join(parts) + ".")
+        seeds = "n: seeds averaged in a row" if any(r.n > 1 for r in rows) else "n = 1: one seed per row"
+        notes.append("Cells: " + "; ".join(parts) + f"; {seeds}.")
     if tests:
         used = ", ".join(TEST_NAMES[t] for t in sorted(tests))
         notes.append(f"Bold: significantly better than every other row of its group at alpha = {alpha:g} "
@@ -191,7 +219,8 @@ def build_table(frame: pd.DataFrame, name: str, metrics: Sequence[str], group_by
     so different configurations are never averaged together."""
     row_by = [*row_by, *(a for a in AXES if a not in (*group_by, *row_by) and frame[a].nunique() > 1)]
     keys = [*group_by, *row_by]
-    infos = tuple(metric_info(k) for k in metrics)
+    extractor = table_extractor(frame)
+    infos = tuple(with_extractor(metric_info(k), extractor) for k in metrics)
     groups: dict[tuple, list[tuple[tuple, Row, pd.DataFrame]]] = {}
     for values, part in frame.groupby(keys, sort=False, dropna=False):
         g, r = values[: len(group_by)], values[len(group_by):]
@@ -213,11 +242,33 @@ def build_table(frame: pd.DataFrame, name: str, metrics: Sequence[str], group_by
         tests |= used
         flagged_by = flagged_by or flag
     level = _setting(frame, "ci_level")
-    notes = _notes(rows, alpha, tests, flagged_by, level, _setting(frame, "ci_resamples"))
+    samples = _setting(frame, "eval_samples")
+    notes = _notes(rows, alpha, tests, flagged_by, level, _setting(frame, "ci_resamples"),
+                   int(samples) if samples else None)
+    notes += _metric_notes(frame, infos)
     if any(r.label and r.label[-1].endswith(LOAD_MARK) for r in rows):
         notes += (LOAD_NOTE,)
     return Table(name, tuple(AXIS_TITLES[a] for a in group_by), tuple(AXIS_TITLES[a] for a in row_by), infos,
-                 tuple(rows), notes)
+                 tuple(rows), notes, TITLES.get(name, ""))
+
+
+def table_extractor(frame: pd.DataFrame) -> str:
+    """The feature network of a table's rows: lenet, inception, mixed, or '' (no quality rows)."""
+    names = set(frame["extractor"]) - {""} if "extractor" in frame else set()
+    return names.pop() if len(names) == 1 else "mixed" if names else ""
+
+
+def _metric_notes(frame: pd.DataFrame, infos: Sequence[MetricInfo]) -> tuple[str, ...]:
+    """What the features are and what the less obvious columns mean (units, scales)."""
+    notes = []
+    feature_metrics = {"fid", "fid_inf", "sfid", "is", "kid"}
+    extractor = table_extractor(frame)
+    if extractor in EXTRACTOR_NOTES and feature_metrics & {i.key for i in infos}:
+        notes.append(EXTRACTOR_NOTES[extractor])
+    meanings = [i.meaning for i in infos if i.meaning]
+    if meanings:
+        notes.append(" ".join(meanings))
+    return tuple(notes)
 
 
 def _setting(frame: pd.DataFrame, key: str) -> float | None:
