@@ -14,7 +14,7 @@ import math
 import re
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from harness.references import References
 from harness.run_id import run_id
 from harness.sampling import schedule_timesteps
 from harness.store import ResultsStore, RunRecord
-from harness.tracking import make_sink
+from harness.tracking import headline, make_sink
 from methods.engine.modules import QuantSpec
 from methods.settings import check_settings
 
@@ -141,10 +141,13 @@ def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None
     )
     out_dir = Path(rc.paths["outputs"]) / rid
     start = time.perf_counter()
+    sink.start(record)  # live: phases, reconstruction losses, then the results
+    if sink.location:
+        record.artifacts["wandb"] = sink.location  # it reached W&B: harness.wandb_sync leaves it out
     try:
         store.write(record)  # a marker: a run killed from outside leaves a running record, not nothing
         record.environment["load"] = {"start": machine_load()}
-        execute(rc, record, out_dir)
+        execute(rc, record, out_dir, on_phase=sink.phase)
         record.environment["load"]["end"] = machine_load()
         record.environment["under_load"] = under_load(record.environment["load"])
         check_metrics_finite(record.metrics)
@@ -153,6 +156,9 @@ def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None
     except Exception as err:  # noqa: BLE001 - a failed run is recorded, the sweep goes on
         log.exception("%s failed", label)
         record.status, record.error, record.traceback = "failed", f"{type(err).__name__}: {err}", traceback.format_exc()
+    except BaseException:  # Ctrl-C, SystemExit: the W&B run ends as failed, the interruption goes on
+        sink.finish()
+        raise
     try:
         store.write(record)
     except Exception as err:  # noqa: BLE001 - e.g. a full disk: say so, the sweep goes on
@@ -162,8 +168,7 @@ def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None
         sink.log_record(record)
     finally:
         sink.finish()
-    log.info("%s: %s -> record %s | grid %s | W&B %s", label, record.status, store.path(rid),
-             record.artifacts.get("grid", "-"), record.artifacts.get("wandb", getattr(sink, "location", "-")))
+    log.info("%s", headline(record, store.path(rid), sink.location))
     _note(ledger, record, record.status)
     if raw.get("fp_reference", True) and not rc.is_fp and record.finished:
         fp_raw = fp_reference_config(raw)  # parallel jobs share it: one computes it, the others wait and resume it
@@ -220,8 +225,9 @@ class Phases:
     """Wall time of each pipeline step, announced as it starts; recorded in `report["timings"]` so
     benchmarks can separate harness overhead from denoiser, method and metric work."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_done: Callable[[str, float], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_done = on_done  # e.g. a live W&B run: each step's time as it ends
 
     @contextmanager
     def __call__(self, name: str, message: str, *args: Any) -> Iterator[None]:
@@ -230,7 +236,10 @@ class Phases:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            if self.on_done is not None:
+                self.on_done(name, elapsed)
 
 
 def quant_spec(rc: RunConfig) -> QuantSpec | None:
@@ -241,10 +250,11 @@ def quant_spec(rc: RunConfig) -> QuantSpec | None:
                      weight_init=rc.method.get("weight_init", "minmax"), act_init=rc.method.get("act_init", "minmax"))
 
 
-def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
-    """The pipeline of one run; fills `record` in place."""
+def execute(rc: RunConfig, record: RunRecord, out_dir: Path,
+            on_phase: Callable[[str, float], None] | None = None) -> None:
+    """The pipeline of one run; fills `record` in place; `on_phase(name, seconds)` as each step ends."""
     torch.manual_seed(rc.seed)
-    phase, e = Phases(), rc.eval
+    phase, e = Phases(on_phase), rc.eval
     with phase("load", "Loading model <%s>", rc.model["name"]):
         model = load_model(rc.model).to(resolve_device(rc.device))  # denoiser + decoder + text encoder
         cache = ArtifactCache(rc.paths["artifacts"], rc.paths.get("lock_mode", "os"))
@@ -289,5 +299,7 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path) -> None:
     with phase("grid", "Saving the sample grid"):
         if distributed.is_main():
             record.artifacts["grid"] = str(save_grid(samples.images[: e.grid], out_dir / "grid.png"))
+            if spec is not None:  # the FP samples of the same seeds, for side-by-side views (W&B)
+                record.artifacts["fp_grid"] = str(save_grid(fp_samples.images[: e.grid], out_dir / "fp_grid.png"))
     record.report = {**record.report, **result.report.__dict__, "backend": backend.describe(),
                      "timings": phase.seconds, "artifact_builds": refs.cache.builds, "model": model.describe()}

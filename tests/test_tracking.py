@@ -1,8 +1,8 @@
 """W&B sink with the real wandb client, offline, into a tmp dir; its .wandb log is read back and checked.
 
 wandb 0.31 ships no Python reader for the .wandb transaction log (the Go core owns it), so
-`_read_wandb_log` below parses its documented LevelDB-log framing and decodes each entry with
-wandb's own protobuf `Record`.
+`read_wandb_log` below parses its documented LevelDB-log framing and decodes each entry with
+wandb's own protobuf `Record`. tests/test_wandb_live.py uses these readers for whole runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,13 +23,14 @@ from wandb.proto import wandb_internal_pb2
 
 from harness import tracking
 from harness.store import ResultsStore, RunRecord
-from harness.tracking import NullSink, WandbSink, make_sink, resolve_mode, run_name
+from harness.tracking import NullSink, WandbSink, curve_rows, headline, make_sink, resolve_mode, run_config, run_name
+from methods.engine import events
 
 BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def _read_wandb_log(path: Path) -> list[wandb_internal_pb2.Record]:
+def read_wandb_log(path: Path) -> list[wandb_internal_pb2.Record]:
     data = path.read_bytes()
     ident, _magic, _version = struct.unpack("<4sHB", data[:7])
     assert ident == b":W&B", f"{path} is not a W&B transaction log"
@@ -52,18 +54,39 @@ def _read_wandb_log(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
-def _finished_log(run_dir: Path, timeout: float = 30.0) -> list[wandb_internal_pb2.Record]:
+def finished_log(run_dir: Path, timeout: float = 30.0) -> list[wandb_internal_pb2.Record]:
     """The run's log once wandb-core has flushed it: it closes the file shortly after finish()."""
     deadline = time.monotonic() + timeout
     while True:
-        log = _read_wandb_log(next(run_dir.glob("run-*.wandb")))
-        if _by_type(log, "exit") or time.monotonic() > deadline:
+        log = read_wandb_log(next(run_dir.glob("run-*.wandb")))
+        if by_type(log, "exit") or time.monotonic() > deadline:
             return log
         time.sleep(0.1)
 
 
-def _by_type(records: list[wandb_internal_pb2.Record], kind: str) -> list:
+def by_type(records: list[wandb_internal_pb2.Record], kind: str) -> list:
     return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
+
+
+def _key(item: Any) -> str:
+    return "/".join(item.nested_key) or item.key
+
+
+def history(records: list[wandb_internal_pb2.Record]) -> list[dict[str, Any]]:
+    """History rows in logging order, values decoded."""
+    return [{_key(i): json.loads(i.value_json) for i in h.item} for h in by_type(records, "history")]
+
+
+def summary(records: list[wandb_internal_pb2.Record]) -> dict[str, Any]:
+    """The final summary: the last update of each key."""
+    out: dict[str, Any] = {}
+    for s in by_type(records, "summary"):
+        out.update({_key(u): json.loads(u.value_json) for u in s.update})
+    return out
+
+
+def exit_code(records: list[wandb_internal_pb2.Record]) -> int:
+    return by_type(records, "exit")[0].exit_code
 
 
 @pytest.fixture
@@ -78,71 +101,124 @@ def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+def _grid(path: Path, seed: int = 0) -> str:
+    Image.fromarray(((np.arange(64 * 64 * 3) + seed) % 251).astype(np.uint8).reshape(64, 64, 3)).save(path)
+    return str(path)
+
+
 def _record(tmp: Path, **kw) -> RunRecord:
-    grid = tmp / "grid.png"
-    Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)).save(grid)
     base = dict(
         run_id="0123456789abcdef", model="ddpm_mnist", method="tfmq", bits="w4a8", backend="fake",
-        sampler="ddim", seed=0, status="finished", metrics={"fid": 12.5, "is": 8.25, "calib_seconds": 3.0},
+        sampler="ddim", seed=0, status="finished",
+        metrics={"fid": 12.5, "fid_ci_lo": 10.0, "fid_ci_hi": 15.0, "is": 8.25, "calib_seconds": 3.0},
         curves={"timesteps": [999, 666, 333, 0], "temporal_feature_error": [0.4, 0.3, 0.2, 0.1],
                 "trajectory_error": [0.0, 0.1, 0.2, 0.3], "per_block": {"down.0": [1, 2, 3, 4]}},
-        config={"model": {"name": "ddpm_mnist"}, "bits": {"weight_bits": 4, "act_bits": 8}},
-        artifacts={"grid": str(grid)},
+        config={"model": {"name": "ddpm_mnist", "dataset": "mnist"}, "bits": {"weight_bits": 4, "act_bits": 8},
+                "recipe": "quick", "eval": {"extractor": "auto", "seed": 0},
+                "method": {"name": "tfmq", "lr": 0.001,
+                           "recipes": {"quick": {"iters": 10}, "paper": {"iters": 20000}}}},
+        report={"recipe": {"lr": 0.001, "iters": 10, "variant": "select"}, "timings": {"quantize": 2.0},
+                "details": {"weight_recon": {"blocks": {"down.0": {"loss_before": 0.5, "loss_after": 0.25, "iters": 10,
+                                                                   "seconds": 1.0, "layers": 2}}},
+                            "tiar": {"loss_before": 0.2, "loss_after": 0.1, "iters": 10, "seconds": 0.5}}},
+        artifacts={"grid": _grid(tmp / "grid.png"), "fp_grid": _grid(tmp / "fp_grid.png", seed=7)},
     )
     return RunRecord(**{**base, **kw})
 
 
-def test_offline_run_logs_config_metrics_curves_grid_and_record(offline_env: Path) -> None:
+def test_live_run_logs_phases_and_losses_as_they_happen_then_the_results(offline_env: Path) -> None:
     record = _record(offline_env)
-    ResultsStore(offline_env / "store").write(record)  # the store first, as the runner does
-    sink = make_sink({"name": "wandb", "project": "ptq", "mode": "auto", "dir": str(offline_env / "wb")},
-                     group="sweep-42")
+    sink = make_sink({"name": "wandb", "project": "ptq", "mode": "auto", "dir": str(offline_env / "wb"),
+                      "console": "off"}, group="sweep-42")
     assert isinstance(sink, WandbSink) and sink.mode == "offline"
     start = time.perf_counter()
+    sink.start(record)
+    run_dir = Path(sink.location)
+    assert run_dir.parent == offline_env / "wb" / "wandb" and run_dir.name.startswith("offline-run-")
+    sink.phase("load", 0.5)
+    events.emit("recon_iter", block="down.0", iter=0, loss=0.4, weights=2, acts=0)
+    events.emit("recon_block", block="down.0", before=0.5, after=0.25, weights=2, acts=0)
+    events.emit("recon_iter", block="down.0", iter=0, loss=0.3, weights=0, acts=1)
+    ResultsStore(offline_env / "store").write(record)  # the store first, as the runner does
     sink.log_record(record)
-    sink.finish()
+    events.emit("recon_iter", block="late", iter=0, loss=9.0, weights=1, acts=0)  # after the end: not logged
     sink.finish()  # idempotent, safe in finally
     assert time.perf_counter() - start < 20, "offline logging must not wait on the network"
 
-    run_dir = Path(sink.location)
-    assert run_dir.parent == offline_env / "wb" / "wandb" and run_dir.name.startswith("offline-run-")
-    log = _finished_log(run_dir)
-    run = _by_type(log, "run")[0]
-    assert (run.project, run.run_group, run.display_name) == ("ptq", "sweep-42", "ddpm_mnist/tfmq/w4a8/fake")
+    log = finished_log(run_dir)
+    run = by_type(log, "run")[0]
+    assert (run.project, run.run_group, run.display_name, run.job_type) == (
+        "ptq", "sweep-42", "ddpm_mnist/tfmq/w4a8/fake", "quality")
     assert set(run.tags) == {"ddpm_mnist", "tfmq", "w4a8", "fake"}
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
-    assert config["model"] == {"name": "ddpm_mnist"} and config["bits"]["weight_bits"] == 4
+    assert config["bits"]["weight_bits"] == 4
+    assert config["method"] == {"name": "tfmq", "lr": 0.001, "iters": 10}, "the selected recipe, not every recipe"
+    later = {u.key: json.loads(u.value_json) for c in by_type(log, "config") for u in c.update}
+    assert later["method"]["variant"] == "select" and later["method"]["iters"] == 10, "updated with what ran"
+    metrics = {(m.glob_name or m.name): m.step_metric for m in by_type(log, "metric")}
+    assert metrics["curves/*"] == "timestep" and metrics["recon/*"] == "recon/step"
 
-    history = {"/".join(i.nested_key) or i.key: i.value_json for h in _by_type(log, "history") for i in h.item}
-    assert json.loads(history["metrics/fid"]) == 12.5 and json.loads(history["metrics/is"]) == 8.25
-    assert json.loads(history["samples/grid/_type"]) == "image-file"
-    assert json.loads(history["curves/temporal_feature_error_table/_type"]) == "table-file"
-    summary = {"/".join(u.nested_key) or u.key: u.value_json for s in _by_type(log, "summary") for u in s.update}
-    assert json.loads(summary["run_id"]) == record.run_id and json.loads(summary["status"]) == "finished"
-    assert _by_type(log, "exit")[0].exit_code == 0
+    rows = history(log)
+    live = [r for r in rows if "timings/load" in r or any(k.startswith(("recon/", "block/")) for k in r)]
+    assert [r["_step"] for r in live] == [0, 1, 2, 3], "phase, loss, block, loss: in the order they happened"
+    assert live[1]["recon/loss_weights"] == 0.4 and live[3]["recon/loss_acts"] == 0.3
+    assert live[2]["block/weights/loss_after"] == 0.25 and live[2]["block/index"] == 1
+    assert not any(r.get("recon/loss_weights") == 9.0 for r in rows), "no logging after the run ended"
+    curves = [r for r in rows if "timestep" in r]
+    assert [r["timestep"] for r in curves] == [0, 333, 666, 999], "one row per timestep, the x axis"
+    assert curves[0]["curves/temporal_feature_error"] == 0.1 and curves[-1]["curves/per_block/down.0"] == 1
+    assert min(r["_step"] for r in curves) > live[-1]["_step"]
+    final = next(r for r in rows if "samples/grid/_type" in r)
+    assert final["samples/grid/_type"] == "image-file" and final["samples/grid/caption"].startswith("ddpm_mnist/tfmq")
+    assert final["samples/fp_vs_quantized/_type"] == "images/separated" and final["samples/fp_vs_quantized/count"] == 2
+    assert final["tables/reconstruction/_type"] == "table-file"
+
+    summ = summary(log)
+    assert summ["metrics/fid"] == 12.5 and summ["metrics/is"] == 8.25 and summ["timings/quantize"] == 2.0
+    assert summ["timings/load"] == 0.5 and summ["run_id"] == record.run_id and summ["status"] == "finished"
+    assert exit_code(log) == 0
 
     files = run_dir / "files"
-    table = json.loads(next(files.glob("media/table/curves/temporal_feature_error_table_*.json")).read_text())
-    assert table["columns"] == ["timestep", "temporal_feature_error"] and table["data"][0] == [999, 0.4]
-    per_block = json.loads(next(files.glob("media/table/curves/per_block_table_*.json")).read_text())
-    assert per_block["columns"] == ["timestep", "per_block", "series"] and len(per_block["data"]) == 4
-    grid = next(files.glob("media/images/samples/grid_*.png"))
-    assert Image.open(grid).size == (64, 64)
+    table = json.loads(next(files.glob("media/table/tables/reconstruction_*.json")).read_text())
+    assert table["columns"][:5] == ["stage", "block", "phase", "loss_before", "loss_after"]
+    assert table["data"] == [["weight_recon", "down.0", "weights", 0.5, 0.25, 10, 1.0],
+                             ["tiar", "tiar", "acts", 0.2, 0.1, 10, 0.5]]
     assert json.loads((files / "run_record.json").read_text()) == record.to_dict()
-    saved = {f.path for fs in _by_type(log, "files") for f in fs.files}
-    assert "run_record.json" in saved
+    artifact = next(a for a in by_type(log, "artifact") if a.type == "run-record")
+    assert artifact.name == f"record-{record.run_id}"
+    assert {e.path for e in artifact.manifest.contents} >= {"record.json", "grid.png", "fp_grid.png",
+                                                            "tables-reconstruction.table.json"}
+
+
+def test_a_record_never_seen_live_gets_its_block_losses_from_the_report(offline_env: Path) -> None:
+    record = _record(offline_env)
+    sink = WandbSink(mode="offline", dir=str(offline_env / "wb"), console="off", stats=False)
+    sink.log_record(record)  # no start(): a resumed or synced record
+    rows = history(finished_log(Path(sink.location)))
+    blocks = [r for r in rows if "block/index" in r]
+    assert [(r["block/index"], r.get("block/weights/loss_after"), r.get("block/acts/loss_after")) for r in blocks] == [
+        (1, 0.25, None), (2, None, 0.1)]
 
 
 def test_failed_record_is_a_failed_run_with_the_error(offline_env: Path) -> None:
     record = _record(offline_env, status="failed", error="RuntimeError: boom", metrics={}, curves={})
-    sink = WandbSink(mode="offline", dir=str(offline_env / "wb"))
+    sink = WandbSink(mode="offline", dir=str(offline_env / "wb"), console="off")
     sink.log_record(record, images=torch.rand(3, 20, 30))  # a grid tensor instead of the PNG path
-    log = _finished_log(Path(sink.location))
+    log = finished_log(Path(sink.location))
     grid = next((Path(sink.location) / "files").glob("media/images/samples/grid_*.png"))
     assert Image.open(grid).size == (30, 20)
-    assert _by_type(log, "exit")[0].exit_code == 1
-    summary = {u.key: json.loads(u.value_json) for s in _by_type(log, "summary") for u in s.update if u.key}
-    assert summary["error"] == "RuntimeError: boom" and summary["status"] == "failed"
+    assert exit_code(log) == 1
+    summ = summary(log)
+    assert summ["error"] == "RuntimeError: boom" and summ["status"] == "failed"
+
+
+def test_a_run_that_never_logs_its_record_ends_failed(offline_env: Path) -> None:
+    """An exception that escapes the run (the runner calls finish() on its way out): failed, not finished."""
+    sink = WandbSink(mode="offline", dir=str(offline_env / "wb"), console="off")
+    sink.start(_record(offline_env))
+    sink.phase("load", 0.1)
+    sink.finish()
+    assert exit_code(finished_log(Path(sink.location))) == 1
 
 
 def test_wandb_errors_are_warnings_and_the_stored_record_is_untouched(
@@ -155,10 +231,61 @@ def test_wandb_errors_are_warnings_and_the_stored_record_is_untouched(
     blocker.write_text("a file where W&B wants its folder")  # every W&B call fails, online or offline
     sink = WandbSink(mode="offline", dir=str(blocker))
     with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        sink.start(record)
+        sink.phase("load", 1.0)
         sink.log_record(record)
         sink.finish()
-    assert "W&B logging of run 0123456789abcdef failed" in caplog.text and "safe in the store" in caplog.text
+    assert "W&B start of run 0123456789abcdef failed" in caplog.text and "safe in the store" in caplog.text
+    assert sink.errors == 1 and sink.location is None
     assert path.read_bytes() == before and store.is_finished(record.run_id)
+
+
+def test_events_cost_nothing_without_listeners_and_a_failing_listener_is_dropped(
+        caplog: pytest.LogCaptureFixture) -> None:
+    events.emit("recon_iter", loss=1.0)  # nobody listens: a no-op
+    seen: list[tuple[str, dict]] = []
+
+    def broken(kind: str, **values: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    stop = events.subscribe(lambda kind, **values: seen.append((kind, values)))
+    events.subscribe(broken)
+    with caplog.at_level(logging.WARNING, logger="methods.engine.events"):
+        events.emit("recon_block", block="b", before=1.0, after=0.5)
+        events.emit("recon_block", block="c", before=1.0, after=0.5)
+    stop()
+    stop()  # idempotent
+    events.emit("recon_block", block="d", before=1.0, after=0.5)
+    assert [v["block"] for _, v in seen] == ["b", "c"]
+    assert caplog.text.count("listener bug") == 1, "the broken listener was removed after its first failure"
+
+
+def test_curve_rows_are_ascending_timesteps_and_skip_misaligned_series(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        rows = curve_rows({"timesteps": [20, 10], "a": [2.0, 1.0], "bad": [1.0], "nested": {"x": [5, 6]}})
+    assert rows == [{"timestep": 10, "curves/a": 1.0, "curves/nested/x": 6.0},
+                    {"timestep": 20, "curves/a": 2.0, "curves/nested/x": 5.0}]
+    assert "'curves/bad' is not aligned" in caplog.text
+    assert curve_rows({}) == []
+
+
+def test_run_config_shows_the_recipe_that_runs() -> None:
+    recipes = {"quick": {"iters": 5}, "paper": {"iters": 9}}
+    cfg = {"recipe": "paper", "method": {"name": "q", "iters": 1, "recipes": recipes}}
+    assert run_config(cfg)["method"] == {"name": "q", "iters": 9}
+    assert run_config({"method": {"name": "fp"}}) == {"method": {"name": "fp"}}
+
+
+def test_headline_is_one_line_with_metric_names_cis_and_where_it_went(tmp_path: Path) -> None:
+    record = _record(tmp_path)
+    line = headline(record, "store/0123456789abcdef.json")
+    assert line == ("ddpm_mnist/tfmq/w4a8/fake finished: LeNet-FID 12.5 [10, 15] IS 8.25 calib 3 s "
+                    "-> store/0123456789abcdef.json")
+    assert "W&B" not in line, "no W&B part without a W&B run (logger=none)"
+    assert headline(record, "x.json", "wandb/offline-run-1").endswith("-> x.json | W&B wandb/offline-run-1")
+    failed = _record(tmp_path, status="failed", error="RuntimeError: boom\nmore", metrics={})
+    assert headline(failed, "x.json") == "ddpm_mnist/tfmq/w4a8/fake failed: RuntimeError: boom -> x.json"
+    assert "\n" not in headline(record, "x.json")
 
 
 def test_online_init_failure_falls_back_to_offline_within_the_bound(
@@ -177,7 +304,7 @@ def test_online_init_failure_falls_back_to_offline_within_the_bound(
     elapsed = time.perf_counter() - start
     assert "logging run 0123456789abcdef offline instead" in caplog.text and "wandb sync" in caplog.text
     assert sink.mode == "offline" and Path(sink.location).name.startswith("offline-run-")
-    assert _by_type(_finished_log(Path(sink.location)), "run"), "the offline run holds the record's run"
+    assert by_type(finished_log(Path(sink.location)), "run"), "the offline run holds the record's run"
     assert elapsed < 3 + 25, f"init must give up within its bound (took {elapsed:.0f} s)"
     again = make_sink({"name": "wandb", "mode": "online", "dir": str(offline_env / "wb"), "init_timeout": 3})
     start = time.perf_counter()
