@@ -144,7 +144,8 @@ def _copy(pipelines: dict[str, Path], kind: str, tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize(("kind", "part"), [("ldm_kl", "vae"), ("ldm_vq", "vqvae"), ("t2i", "text_encoder"),
-                                            ("t2i", "tokenizer"), ("dit_vae", "transformer")])
+                                            ("t2i", "tokenizer"), ("dit_vae", "transformer"),
+                                            ("ldm_cin", "class_embedder")])
 def test_a_missing_part_fails_at_load_naming_the_subfolder(tmp_path: Path, pipelines: dict[str, Path],
                                                            kind: str, part: str) -> None:
     folder = _copy(pipelines, kind, tmp_path)
@@ -269,3 +270,50 @@ def test_decoders_use_the_checkpoint_scaling_factor_and_the_vq_codebook(pipeline
     quantized = vq.decoder.net.decode(z / 0.8).sample.clamp(-1, 1)
     unquantized = vq.decoder.net.decode(z / 0.8, force_not_quantize=True).sample.clamp(-1, 1)
     assert torch.allclose(vq.decode(z), quantized, atol=1e-6) and not torch.allclose(quantized, unquantized)
+
+
+@torch.no_grad()
+def test_class_context_labels_and_the_null_class_under_guidance(pipelines: dict[str, Path]) -> None:
+    """ImageNet-LDM style: labels drawn with the eval seed, embedded by the folder's class embedder into a
+    1-token context; the CFG branch gets the null class's embedding (row num_classes), never zeros."""
+    model = load_model(model_cfg("ldm_cin", pipelines["ldm_cin"]))
+    table = model.conditions.embedder.embedding.weight
+    assert model.num_classes is None and model.conditions.num_classes == 10 and table.shape == (11, 16)
+    seen = []
+    s = sample(model, SamplerConfig("ddim", 2, 0.0), 3, 3, seed=0, on_step=lambda x, t, c: seen.append(c))
+    assert s.images.shape == (3, 3, 16, 16) and s.latents.shape == (3, 3, 8, 8)
+    assert s.conds.tolist() == model.conditions.draw(0, 0, 3).tolist() and s.conds.max() < 10
+    cond, null = seen[0].chunk(2)
+    assert cond.shape == (3, 1, 16) and torch.equal(cond[:, 0], table[s.conds])
+    assert torch.equal(null[:, 0], table[10].expand(3, -1)), "the guidance branch is the null class"
+    assert model.conditions.key()["embedder"], "the embedder's weights are part of every FP artifact's key"
+
+
+def _drop_scaling_factor(folder: Path, part: str) -> None:
+    config = json.loads((folder / part / "config.json").read_text())
+    del config["scaling_factor"]
+    (folder / part / "config.json").write_text(json.dumps(config))
+
+
+@torch.no_grad()
+def test_a_decoder_without_its_scaling_factor_needs_it_from_the_config(tmp_path: Path,
+                                                                      pipelines: dict[str, Path]) -> None:
+    """CompVis/ldm-celebahq-256's vqvae/config.json declares no scaling_factor: diffusers would use 0.18215."""
+    with pytest.raises(ValueError, match=r"declares scaling_factor=0.8, but model.decoder_scaling_factor=1.0"):
+        load_model({**model_cfg("ldm_vq", pipelines["ldm_vq"]), "decoder_scaling_factor": 1.0})
+    folder = _copy(pipelines, "ldm_vq", tmp_path)
+    _drop_scaling_factor(folder, "vqvae")
+    with pytest.raises(ValueError, match=r"declares no scaling_factor .*set model.decoder_scaling_factor"):
+        load_model(model_cfg("ldm_vq", folder))
+    model = load_model({**model_cfg("ldm_vq", folder), "decoder_scaling_factor": 1.0})
+    assert model.decoder.scaling_factor == 1.0
+    assert model.describe()["decoder"]["scaling_factor_from"] == "model.decoder_scaling_factor"
+    z = torch.randn(2, *model.sample_shape)
+    assert torch.allclose(model.decode(z), model.decoder.net.decode(z).sample.clamp(-1, 1), atol=1e-6)
+
+
+def test_the_folder_config_wins_over_model_arch_and_the_record_says_so(pipelines: dict[str, Path]) -> None:
+    arch = {"in_channels": 3, "sample_size": 8, "block_out_channels": [8, 32]}
+    model = load_model({**model_cfg("ldm_vq", pipelines["ldm_vq"]), "arch": arch})
+    assert list(model.net.config.block_out_channels) == [8, 16], "the checkpoint's architecture runs"
+    assert model.extra["arch_differs"] == {"block_out_channels": {"yaml": [8, 32], "loaded": [8, 16]}}

@@ -34,6 +34,12 @@ class DiffusionModel:
     - text-conditional (`family="unet_text"`): cond is a float tensor (B, *cond_shape) of encoder
       hidden states; the null condition is the encoded empty prompt (zeros only for a random-init
       denoiser without a text encoder).
+    - class-conditional through cross-attention (`family="unet_text"`, `conditions` a ClassContext:
+      LDM cin256): the condition ids are class labels, but the denoiser sees their learned embedding
+      (B, 1, D) like text states, and the null condition is the embedding of the null class. Its
+      `num_classes` is None here (no label reaches the denoiser; the source holds the class count),
+      so everything that feeds labels to the net (calibration, latency, TIB) treats it as a
+      cross-attention model.
     `sample_shape` is what the denoiser sees (latents for latent pipelines); `image_shape` what
     `decode` returns and every metric sees.
     """

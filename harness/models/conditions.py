@@ -6,6 +6,9 @@ both draw from the model's source (calibration with its own seed, so it sees a d
 subset of the labels or prompts than the evaluation), and every method sees the same conditions.
 
 - `ClassLabels`: labels drawn with a seeded generator (not index mod K); null label = num_classes.
+- `ClassContext`: the same labels, embedded by the pipeline's learned `ClassEmbedder` into a 1-token
+  cross-attention context (LDM cin256: the class reaches the UNet through cross-attention, not
+  through its time embedding); the null condition is the embedding of the null class num_classes.
 - `PromptEmbeddings`: prompts from a user file (.txt one per line; .csv / .json with a caption
   column, incl. COCO's captions_*.json), encoded ONCE by the pipeline's own CLIP text encoder
   (padding to max_length, last hidden state) and cached as an artifact keyed by the file's content
@@ -27,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from harness.artifacts import ArtifactCache, tensors_fingerprint
@@ -73,13 +79,21 @@ class ConditionSource(ABC):
         """What the conditions depend on (part of every FP artifact's key)."""
 
 
+def draw_labels(num_classes: int, seed: int, start: int, count: int) -> torch.Tensor:
+    """Class labels of samples [start, start+count): seeded, so every method and shard sees the same ones."""
+    return _chunked_draw(seed, start, count, lambda g, n: torch.randint(num_classes, (n,), generator=g))
+
+
+LABEL_DRAW = "seeded randint per 1000-chunk"
+
+
 @dataclass
 class ClassLabels(ConditionSource):
     num_classes: int
     kind: str = "labels"
 
     def draw(self, seed: int, start: int, count: int) -> torch.Tensor:
-        return _chunked_draw(seed, start, count, lambda g, n: torch.randint(self.num_classes, (n,), generator=g))
+        return draw_labels(self.num_classes, seed, start, count)
 
     def embed(self, ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         return ids.to(device)
@@ -88,7 +102,54 @@ class ClassLabels(ConditionSource):
         return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
 
     def key(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_classes": self.num_classes, "draw": "seeded randint per 1000-chunk"}
+        return {"kind": self.kind, "num_classes": self.num_classes, "draw": LABEL_DRAW}
+
+
+class ClassEmbedder(ModelMixin, ConfigMixin):
+    """LDM's class-conditioning stage (CompVis `ClassEmbedder`, e.g. in cin256-v2): a learned table of
+    num_classes + 1 rows, the last one the null class of classifier-free guidance. A diffusers model
+    class so that its folder (class_embedder/: config.json + safetensors) saves and loads like every
+    other part of a pipeline, strictly."""
+
+    @register_to_config
+    def __init__(self, num_classes: int = 1000, embedding_dim: int = 512) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes + 1, embedding_dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) labels -> (B, 1, D): one context token per sample, as LDM feeds its cross-attention."""
+        return self.embedding(labels)[:, None]
+
+
+@dataclass(eq=False, repr=False)
+class ClassContext(ConditionSource):
+    """Labels drawn like `ClassLabels`, handed to the denoiser as their learned embedding (B, 1, D)."""
+
+    embedder: ClassEmbedder
+    kind: str = "class_context"
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.embedder.config.num_classes)
+
+    def draw(self, seed: int, start: int, count: int) -> torch.Tensor:
+        return draw_labels(self.num_classes, seed, start, count)
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        own = next(self.embedder.parameters()).device
+        return self.embedder(ids.to(own)).float().to(device)
+
+    def null(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.embed(torch.full((batch,), self.num_classes, dtype=torch.long), device)
+
+    def to(self, device: torch.device | str) -> ClassContext:
+        self.embedder.to(device)
+        return self
+
+    def key(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_classes": self.num_classes, "draw": LABEL_DRAW,
+                "embedder": tensors_fingerprint(self.embedder.state_dict())}
 
 
 @dataclass

@@ -9,6 +9,9 @@ Two kinds, as diffusers' own pipelines use them:
 - `vqvae`: VQModel (LDM-4/8 from CompVis): `vqvae.decode(latents / scaling_factor)`, which snaps
   the latents to the codebook first (force_not_quantize=False), as diffusers' LDM pipelines do.
 The scaling factor is the checkpoint's (`scaling_factor` in its config.json), never a constant here.
+A config.json that declares none (CompVis/ldm-celebahq-256's vqvae/ is one: diffusers then fills in
+its default 0.18215, the SD VAE's, and decodes garbage; diffusers issue #6725) is completed by the
+model config's `decoder_scaling_factor`, which the zoo passes as `scale_override` (harness/models/zoo.py).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ class Decoder:
 
     kind: DecoderKind
     net: ModelMixin
+    scale_override: float | None = None  # only for a checkpoint whose config.json declares no scaling_factor
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.net.config.scaling_factor)
+        return float(self.net.config.scaling_factor if self.scale_override is None else self.scale_override)
 
     @property
     def downscale(self) -> int:
@@ -70,5 +74,7 @@ class Decoder:
         return torch.cat(out).clamp(-1, 1)
 
     def describe(self) -> dict[str, object]:
-        return {"kind": self.kind, "class": type(self.net).__name__, "scaling_factor": self.scaling_factor,
+        # The source is named only when overridden, so existing artifact keys (which include this) stay valid.
+        source = {} if self.scale_override is None else {"scaling_factor_from": "model.decoder_scaling_factor"}
+        return {"kind": self.kind, "class": type(self.net).__name__, "scaling_factor": self.scaling_factor, **source,
                 "params": sum(p.numel() for p in self.net.parameters())}

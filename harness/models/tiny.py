@@ -9,6 +9,9 @@ DiT folder:
     t2i      unet/ (UNet2DConditionModel, latents 4x8x8, text states 8x16) + vae/ (-> 3x16x16)
              + text_encoder/ (CLIPTextModel) + tokenizer/ (CLIPTokenizer, own vocab.json / merges.txt)
     dit_vae  transformer/ (DiTTransformer2DModel, 10 classes, latents 4x14x14) + vae/ (-> 1x28x28)
+    ldm_cin  unet/ (UNet2DConditionModel, latents 3x8x8, 1-token context of width 16) + vqvae/
+             (-> 3x16x16) + class_embedder/ (ClassEmbedder: 10 classes + the null class), the layout
+             of ImageNet LDM-4 cin256-v2 after harness.models.convert_ldm
 
 The conf/model/tiny_<kind>.yaml configs describe them (1-channel 28x28 decoders feed the LeNet
 extractor, 3-channel ones the Inception path). The scaling factors are deliberately not the SD
@@ -35,7 +38,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-KINDS = ("ldm_kl", "ldm_vq", "t2i", "dit_vae")
+from harness.models.conditions import ClassEmbedder
+
+KINDS = ("ldm_kl", "ldm_vq", "t2i", "dit_vae", "ldm_cin")
 MAX_LENGTH, HIDDEN = 8, 16
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -53,6 +58,8 @@ UNET_VQ = {**UNET_KL, "sample_size": 8, "in_channels": 3, "out_channels": 3}
 UNET_TEXT = {**_UNET, "sample_size": 8, "in_channels": 4, "out_channels": 4, "cross_attention_dim": HIDDEN,
              "attention_head_dim": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+UNET_CIN = {**UNET_TEXT, "in_channels": 3, "out_channels": 3}
+CLASS_EMBEDDER = {"num_classes": 10, "embedding_dim": HIDDEN}
 DIT = {"sample_size": 14, "in_channels": 4, "out_channels": 8, "patch_size": 2, "num_layers": 2,
        "num_attention_heads": 2, "attention_head_dim": 16, "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero"}
 TEXT_ENCODER = {"hidden_size": HIDDEN, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -64,6 +71,8 @@ PARTS: dict[str, list[tuple[str, Any, dict]]] = {
     "ldm_vq": [("unet", UNet2DModel, UNET_VQ), ("vqvae", VQModel, VQ_RGB)],
     "t2i": [("unet", UNet2DConditionModel, UNET_TEXT), ("vae", AutoencoderKL, VAE_RGB)],
     "dit_vae": [("transformer", DiTTransformer2DModel, DIT), ("vae", AutoencoderKL, VAE_GRAY)],
+    "ldm_cin": [("unet", UNet2DConditionModel, UNET_CIN), ("vqvae", VQModel, VQ_RGB),
+                ("class_embedder", ClassEmbedder, CLASS_EMBEDDER)],
 }
 
 

@@ -2,11 +2,13 @@
 
 A model is a pipeline: the denoiser, its scheduler, and the parts the config asks for, loaded from the
 same folder as diffusers lays it out: `model.decoder: vae|vqvae` (AutoencoderKL in `vae/`, VQModel in
-`vqvae/`, decoding to `model.image_shape`) and `model.text_encoder: clip` (CLIPTextModel in
-`text_encoder/`, CLIPTokenizer in `tokenizer/`). A part the config needs but the folder lacks fails
-the load, naming the subfolder. Loading is strict: a checkpoint with missing or unexpected tensors,
-or a diffusers config.json without `_class_name`, is refused (diffusers and transformers only warn
-and fill the gaps with random values).
+`vqvae/`, decoding to `model.image_shape`), `model.text_encoder: clip` (CLIPTextModel in
+`text_encoder/`, CLIPTokenizer in `tokenizer/`) and `model.class_embedder: ldm` (LDM's learned class
+embedding in `class_embedder/`, whose row for a label is the 1-token cross-attention context of a
+UNet2DConditionModel: ImageNet LDM-4 cin256-v2, converted by `python -m harness.models.convert_ldm`).
+A part the config needs but the folder lacks fails the load, naming the subfolder. Loading is strict:
+a checkpoint with missing or unexpected tensors, or a diffusers config.json without `_class_name`, is
+refused (diffusers and transformers only warn and fill the gaps with random values).
 
 Where the weights come from, first match wins:
 1. `model.path`: a local diffusers folder (flat `config.json` + weights, or a pipeline folder with
@@ -15,6 +17,12 @@ Where the weights come from, first match wins:
 3. `model.hub_id`: a Hugging Face hub id (needs network or a filled hub cache).
 `model.init: random` instead builds the net from `model.arch` with `model.seed` (tests, CPU
 benchmarks of real architectures without their checkpoints).
+
+With weights, the architecture is the checkpoint's own config.json: `model.arch` only builds random
+nets. Where the two differ the folder wins, and `DiffusionModel.extra["arch_differs"]` lists the keys
+(a warning too), so a record never hides that the yaml described another net. A decoder whose
+config.json declares no `scaling_factor` (diffusers would substitute the SD VAE's 0.18215) needs
+`model.decoder_scaling_factor`; one that declares a different value than that key is refused.
 
 The scheduler config is the one stored with the weights when there is one, else `model.scheduler`;
 `DiffusionModel.extra["scheduler_source"]` records which, so a record never hides the choice.
@@ -29,6 +37,8 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,10 +49,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from harness.models.base import DiffusionModel
-from harness.models.conditions import PromptEmbeddings
+from harness.models.conditions import ClassContext, ClassEmbedder, PromptEmbeddings
 from harness.models.decoder import DECODER_CLASSES, Decoder
 from harness.registry import Registry
 
+log = logging.getLogger(__name__)
 MODELS: Registry[type[ModelMixin]] = Registry("model family")
 MODELS.register("unet")(UNet2DModel)
 MODELS.register("unet_text")(UNet2DConditionModel)
@@ -63,9 +74,10 @@ PIPELINE_SUBFOLDER = {"unet": "unet", "unet_text": "unet", "dit": "transformer"}
 LEGACY_CLASS_NAMES = {"dit": ("Transformer2DModel",)}
 DECODERS = tuple(DECODER_CLASSES)
 TEXT_ENCODERS = ("clip",)
+CLASS_EMBEDDERS = ("ldm",)  # ldm: CompVis's ClassEmbedder (nn.Embedding(num_classes + 1, D)) in class_embedder/
 KEYS = ("name", "family", "sample_shape", "num_classes", "cond_shape", "guidance_scale", "dataset",
         "init", "path", "weights", "hub_id", "subfolder", "local_files_only", "arch", "seed", "scheduler",
-        "decoder", "image_shape", "text_encoder")
+        "decoder", "image_shape", "text_encoder", "class_embedder", "decoder_scaling_factor")
 HOW_TO_PROVIDE = ("provide the weights as a local diffusers folder: model.path=/path/to/folder "
                   "(or run with network access to the Hugging Face hub)")
 
@@ -109,8 +121,11 @@ def _check_shapes(cfg: Mapping) -> None:
     if cond is not None and not (isinstance(cond, (list, tuple)) and cond and all(_is_int(s) and s > 0 for s in cond)):
         _fail("cond_shape", cond, "a list of positive integers, e.g. [77, 768], or null")
     family = cfg["family"]
-    if family == "unet_text" and (cond is None or k is not None):
-        _fail("cond_shape", cond, "a shape (with num_classes null) for family unet_text")
+    if family == "unet_text" and cond is None:
+        _fail("cond_shape", cond, "a shape for family unet_text (its cross-attention context)")
+    if family == "unet_text" and k is not None and not cfg.get("class_embedder"):
+        _fail("num_classes", k, "null for family unet_text, unless model.class_embedder embeds the labels "
+              "as its cross-attention context")
     if family == "dit" and k is None:
         _fail("num_classes", k, "a positive integer for family dit (DiT is class-conditional)")
     if family in ("unet", "dit") and cond is not None:
@@ -138,9 +153,31 @@ def _check_parts(cfg: Mapping) -> None:
         _fail("text_encoder", enc, f"null or {', '.join(TEXT_ENCODERS)}")
     if enc is not None and cfg["family"] != "unet_text":
         _fail("text_encoder", enc, f"null for family {cfg['family']} (only unet_text takes prompts)")
-    if (cfg["family"] == "unet_text" and enc is None and cfg.get("init", "pretrained") != "random"):
+    emb = cfg.get("class_embedder")
+    if (cfg["family"] == "unet_text" and enc is None and emb is None and cfg.get("init", "pretrained") != "random"):
         _fail("text_encoder", enc, "clip for a pretrained unet_text model (its prompts are encoded by the "
-              "folder's text_encoder/ + tokenizer/; zero-filled text states mean nothing)")
+              "folder's text_encoder/ + tokenizer/; zero-filled text states mean nothing), or set "
+              "model.class_embedder for a class-conditional one")
+    if emb is not None:
+        _check_class_embedder(cfg, emb)
+    scale = cfg.get("decoder_scaling_factor")
+    if scale is not None and (decoder is None or isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not scale > 0):
+        _fail("decoder_scaling_factor", scale, "null, or a number > 0 with model.decoder set (used only when the "
+              "decoder's config.json declares no scaling_factor)")
+
+
+def _check_class_embedder(cfg: Mapping, emb: Any) -> None:
+    if emb not in CLASS_EMBEDDERS:
+        _fail("class_embedder", emb, f"null or {', '.join(CLASS_EMBEDDERS)}")
+    if cfg["family"] != "unet_text" or cfg.get("text_encoder") is not None:
+        _fail("class_embedder", emb, "null unless family is unet_text without a text_encoder (the labels' "
+              "embedding is the cross-attention context)")
+    if cfg.get("num_classes") is None:
+        _fail("num_classes", None, "a positive integer with model.class_embedder (the null label is num_classes)")
+    cond = cfg.get("cond_shape")
+    if not (isinstance(cond, (list, tuple)) and len(cond) == 2 and cond[0] == 1):
+        _fail("cond_shape", cond, "[1, D] with model.class_embedder (one context token of width D per sample)")
 
 
 def _check_arch(cfg: Mapping, cls: type[ModelMixin]) -> None:
@@ -309,6 +346,8 @@ def _part_subfolders(cfg: Mapping) -> dict[str, str]:
         parts[cfg["decoder"]] = f"model.decoder={cfg['decoder']}"
     if cfg.get("text_encoder"):
         parts["text_encoder"] = parts["tokenizer"] = f"model.text_encoder={cfg['text_encoder']}"
+    if cfg.get("class_embedder"):
+        parts["class_embedder"] = f"model.class_embedder={cfg['class_embedder']}"
     return parts
 
 
@@ -407,14 +446,59 @@ def _load_part(cls: Any, cfg: Mapping, sub: str, why: str) -> Any:
         raise _hub_error(cfg, sub, err) from err
 
 
+def _scale_override(net: ModelMixin, cfg: Mapping, where: str) -> float | None:
+    """model.decoder_scaling_factor where the checkpoint declares no scaling factor; None where it does.
+
+    diffusers records the config keys it filled with defaults in `_use_default_values`: a missing
+    scaling_factor silently becomes 0.18215 (the SD VAE's), which is wrong for CompVis's VQ LDMs (1.0)."""
+    declared = "scaling_factor" not in (net.config.get("_use_default_values") or ())
+    wanted = cfg.get("decoder_scaling_factor")
+    if declared:
+        if wanted is not None and not math.isclose(float(wanted), float(net.config.scaling_factor), rel_tol=1e-6):
+            raise ValueError(f"the {cfg['decoder']} from {where} declares scaling_factor={net.config.scaling_factor}, "
+                             f"but model.decoder_scaling_factor={wanted}; the checkpoint's own value is the one it was "
+                             "trained with: drop model.decoder_scaling_factor or fix its config.json")
+        return None
+    if wanted is None:
+        raise ValueError(f"the {cfg['decoder']} config.json from {where} declares no scaling_factor (diffusers would "
+                         "silently use 0.18215, the SD VAE's); set model.decoder_scaling_factor (1.0 for CompVis's "
+                         "VQ LDMs, whose scale_factor defaults to 1.0)")
+    return float(wanted)
+
+
 def _load_decoder(cfg: Mapping, source: str) -> Decoder | None:
     kind = cfg.get("decoder")
     if not kind or cfg.get("init", "pretrained") == "random":
         return None
     net = _load_part(DECODER_CLASSES[kind], cfg, kind, f"model.decoder={kind}").eval()
-    decoder = Decoder(kind, net)
+    decoder = Decoder(kind, net, _scale_override(net, cfg, source))
     decoder.check(tuple(cfg["sample_shape"]), tuple(cfg["image_shape"]), source)
     return decoder
+
+
+def _load_class_context(cfg: Mapping, source: str) -> ClassContext | None:
+    """The learned class embedding of a class-conditional cross-attention UNet (random for init=random)."""
+    if not cfg.get("class_embedder"):
+        return None
+    k, width = cfg["num_classes"], cfg["cond_shape"][1]
+    if cfg.get("init", "pretrained") == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.get("seed", 0) + 1)
+            return ClassContext(ClassEmbedder(num_classes=k, embedding_dim=width).eval())
+    embedder = _load_part(ClassEmbedder, cfg, "class_embedder", f"model.class_embedder={cfg['class_embedder']}")
+    found = [int(embedder.config.num_classes), int(embedder.config.embedding_dim)]
+    if found != [k, width]:
+        raise ValueError(f"the class embedder from {source} has {found[0]} classes (+ the null class) of width "
+                         f"{found[1]}, but model.num_classes={k} and model.cond_shape={list(cfg['cond_shape'])}")
+    return ClassContext(embedder.eval())
+
+
+def _arch_differences(net: ModelMixin, cfg: Mapping) -> dict[str, dict[str, Any]]:
+    """model.arch keys whose value differs from the loaded checkpoint's config (which is what runs)."""
+    arch = cfg.get("arch") or {}
+    loaded = {k: _plain(v) for k, v in net.config.items()}
+    return {k: {"yaml": v, "loaded": loaded.get(k)} for k, v in arch.items()
+            if k in loaded and _plain(v) != loaded[k]}
 
 
 def _load_prompt_encoder(cfg: Mapping, source: str) -> PromptEmbeddings | None:
@@ -437,6 +521,10 @@ def _check_loaded(net: ModelMixin, cfg: Mapping, source: str) -> None:
     if in_ch != c or (size is not None and size != h):
         raise ValueError(f"the net from {source} takes {in_ch} channels at size {size}, but "
                          f"model.sample_shape={list(cfg['sample_shape'])}; fix model.sample_shape")
+    context = net.config.get("cross_attention_dim")
+    if cfg["family"] == "unet_text" and context != cfg["cond_shape"][-1]:
+        raise ValueError(f"the net from {source} cross-attends to width {context}, but model.cond_shape="
+                         f"{list(cfg['cond_shape'])}; fix model.cond_shape")
 
 
 def load_model(cfg: Mapping) -> DiffusionModel:
@@ -456,15 +544,24 @@ def load_model(cfg: Mapping) -> DiffusionModel:
                              "model.scheduler is null; set model.scheduler to a DDPMScheduler config mapping")
         sched, sched_where = dict(cfg["scheduler"]), "model.scheduler"
     decoder = _load_decoder(cfg, source)
-    prompts = _load_prompt_encoder(cfg, source)
+    conditions = _load_prompt_encoder(cfg, source) or _load_class_context(cfg, source)
     net.eval()
     extra = {"scheduler_source": sched_where, "params": sum(p.numel() for p in net.parameters())}
-    if cfg.get("init", "pretrained") == "random" and (cfg.get("decoder") or cfg.get("text_encoder")):
-        extra["parts"] = "random denoiser only: decoder / text encoder not loaded"
+    random = cfg.get("init", "pretrained") == "random"
+    if random and (cfg.get("decoder") or cfg.get("text_encoder") or cfg.get("class_embedder")):
+        extra["parts"] = "random denoiser only: decoder / text encoder not loaded, class embedder random"
+    differs = {} if random else _arch_differences(net, cfg)
+    if differs:
+        log.warning("model.arch of %s differs from the checkpoint's config.json (which is what runs): %s",
+                    cfg["name"], differs)
+        extra["arch_differs"] = differs
+    # A class embedder's labels never reach the denoiser (it sees their embedding): num_classes stays
+    # on the condition source, and the model is conditioned through cond_shape like a text model.
+    labels_in = None if isinstance(conditions, ClassContext) else cfg.get("num_classes")
     return DiffusionModel(
         name=cfg["name"], family=cfg["family"], net=net, scheduler_config=sched,
-        sample_shape=tuple(cfg["sample_shape"]), num_classes=cfg.get("num_classes"),
+        sample_shape=tuple(cfg["sample_shape"]), num_classes=labels_in,
         cond_shape=tuple(cfg["cond_shape"]) if cfg.get("cond_shape") is not None else None,
         guidance_scale=float(cfg.get("guidance_scale", 1.0)), dataset=cfg.get("dataset"), source=source,
-        extra=extra, decoder=decoder, conditions=prompts,
+        extra=extra, decoder=decoder, conditions=conditions,
     )
