@@ -456,8 +456,9 @@ def _scale_override(net: ModelMixin, cfg: Mapping, where: str) -> float | None:
     if declared:
         if wanted is not None and not math.isclose(float(wanted), float(net.config.scaling_factor), rel_tol=1e-6):
             raise ValueError(f"the {cfg['decoder']} from {where} declares scaling_factor={net.config.scaling_factor}, "
-                             f"but model.decoder_scaling_factor={wanted}; the checkpoint's own value is the one it was "
-                             "trained with: drop model.decoder_scaling_factor or fix its config.json")
+                             f"but model.decoder_scaling_factor={wanted}: one is wrong (CompVis's VQ LDMs use 1.0, the "
+                             "SD VAE 0.18215, also diffusers' default, which a converter may have written without "
+                             "meaning it); fix the folder's config.json or model.decoder_scaling_factor")
         return None
     if wanted is None:
         raise ValueError(f"the {cfg['decoder']} config.json from {where} declares no scaling_factor (diffusers would "
