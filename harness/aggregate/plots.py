@@ -19,9 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from harness.aggregate.frame import FP_METHOD
-from harness.aggregate.metric_info import metric_info
+from harness.aggregate.metric_info import metric_info, with_extractor
 from harness.aggregate.style import BAND_ALPHA, DPI, FORMATS, PANEL_SIZE, grid_shape, method_color
-from harness.aggregate.table import METHOD_LABELS, sort_key
+from harness.aggregate.table import METHOD_LABELS, sort_key, table_extractor
 from harness.store import RunRecord
 
 CURVE = "temporal_feature_error"
@@ -69,9 +69,11 @@ def _figure(panels: int) -> tuple[Figure, list]:
     return fig, axes[:panels]
 
 
-def _legend(fig: Figure, handles: dict[str, object]) -> None:
-    """One legend for the whole figure, right of the panels (never over the data)."""
-    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
+def _legend(fig: Figure, handles: dict[str, object], title: str = "") -> None:
+    """One legend for the whole figure, right of the panels (never over the data); its title says what
+    the bands or bars mean."""
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False,
+               title=title or None, title_fontsize=7, alignment="left")
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -105,9 +107,8 @@ def plot_temporal_error(records: Sequence[RunRecord], path: Path, curve: str = C
         ax.invert_xaxis()  # sampling runs from large t to small t
         ax.set(title=f"{model} {bits}", xlabel="timestep t", ylabel="temporal-feature error")
     seeds = max(c.n for lines in series.values() for c in lines.values())
-    fig.suptitle("Temporal-feature error vs FP per timestep"
-                 + (" (mean over seeds, band: min-max)" if seeds > 1 else " (one seed)"), fontsize=10)
-    _legend(fig, handles)
+    fig.suptitle("Temporal-feature error vs FP per timestep", fontsize=10)
+    _legend(fig, handles, "mean over seeds\nband: min-max" if seeds > 1 else "one seed")
     return save(fig, path)
 
 
@@ -125,7 +126,7 @@ def plot_metric_vs_bits(frame: pd.DataFrame, path: Path, metric: str = "fid") ->
     models = sorted(set(part["model"]))
     fig, axes = _figure(len(models))
     handles: dict[str, object] = {}
-    info = metric_info(metric)
+    info = with_extractor(metric_info(metric), table_extractor(part))
     for ax, model in zip(axes, models, strict=True):
         rows = part[part["model"] == model]
         bits = sorted(set(rows.loc[rows["method"] != FP_METHOD, "bits"]), key=lambda b: sort_key("bits", b))
@@ -149,8 +150,8 @@ def plot_metric_vs_bits(frame: pd.DataFrame, path: Path, metric: str = "fid") ->
         ax.set_xticks(range(len(bits)), bits)
         better = "higher" if info.higher_is_better else "lower"
         ax.set(title=model, xlabel="bit-width", ylabel=f"{info.display} ({better} is better)")
-    fig.suptitle(f"{info.display} vs bit-width (bars: min-max over seeds; one seed: 95 % bootstrap CI)", fontsize=10)
-    _legend(fig, handles)
+    fig.suptitle(f"{info.display} vs bit-width", fontsize=10)
+    _legend(fig, handles, "bars: min-max over seeds\n(one seed: 95 % bootstrap CI)")
     return save(fig, path)
 
 
@@ -176,6 +177,7 @@ def plot_bars(frame: pd.DataFrame, path: Path, metric: str, kind: str, group_axi
     models = sorted(set(part["model"]))
     fig, axes = _figure(len(models))
     handles: dict[str, object] = {}
+    hatches: dict[str, object] = {}
     all_bits = sorted(set(part["bits"]), key=lambda b: sort_key("bits", b))
     info = metric_info(metric)
     for ax, model in zip(axes, models, strict=True):
@@ -200,10 +202,11 @@ def plot_bars(frame: pd.DataFrame, path: Path, metric: str, kind: str, group_axi
                        color=method_color(method), hatch=hatch, edgecolor="white", linewidth=0.5)
                 handles.setdefault(_label(method), Patch(color=method_color(method)))
                 if bits:
-                    handles.setdefault(bits, Patch(facecolor="lightgrey", hatch=hatch, edgecolor="white"))
+                    hatches.setdefault(bits, Patch(facecolor="lightgrey", hatch=hatch, edgecolor="dimgrey"))
         ax.set_xticks(range(len(groups)), groups, rotation=20 if group_axis == "backend" else 0)
         ax.set(title=model, xlabel=group_axis, ylabel=f"{info.display}")
     seeds = int(part.groupby([group_axis, "method", "bits", "model"]).size().max())
-    fig.suptitle(f"{info.display}" + (" (mean over seeds, whiskers: min-max)" if seeds > 1 else ""), fontsize=10)
-    _legend(fig, handles)
+    fig.suptitle(info.display, fontsize=10)
+    # methods first, then the bit-width hatches
+    _legend(fig, {**handles, **hatches}, "mean over seeds\nwhiskers: min-max" if seeds > 1 else "")
     return save(fig, path)

@@ -11,6 +11,7 @@ contradicts marked ‡, arrows in headers, `mean ± std` when several seeds exis
 
 from __future__ import annotations
 
+import html
 import io
 import re
 
@@ -161,6 +162,24 @@ def to_latex(table: Table, caption: str | None = None, standalone: bool = False,
     if standalone:
         text = f"\\documentclass{{article}}\n{TEX_PACKAGES}\n\\begin{{document}}\n" + text + "\\end{document}\n"
     return text
+
+
+def to_html(table: Table) -> str:
+    """A <table> for the HTML report: the same cells, decimals and marks as the Markdown, the title and
+    notes as its caption (escaped; no script, no style)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header(table))
+    n_text = len(header(table)) - len(table.metrics)
+    body = []
+    for texts, cells in text_rows(table):
+        tds = [f"<td>{html.escape(t)}</td>" for t in texts[:n_text]]
+        for text, cell in zip(texts[n_text:], cells, strict=True):
+            shown = _marked(f"<b>{html.escape(text)}</b>" if cell.bold else html.escape(text), cell, "md")
+            tds.append(f'<td class="num">{shown}</td>')
+        body.append(f"<tr>{''.join(tds)}</tr>")
+    notes = "".join(f"<p>{html.escape(n)}</p>" for n in table.notes)
+    caption = f"<caption><strong>{html.escape(table.title)}</strong>{notes}</caption>" if table.title or notes else ""
+    return (f'<table class="results" id="table-{html.escape(table.name)}">{caption}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def to_csv(table: Table) -> str:
