@@ -20,7 +20,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from harness.models.conditions import ClassEmbedder
-from harness.models.convert_ldm import ConversionError, convert, main
+from harness.models.convert_ldm import (
+    ConversionError,
+    convert,
+    main,
+    scheduler_config,
+    unet_config,
+    vq_config,
+)
 from harness.models.zoo import load_model
 
 LAYERS, LEVELS, ATTN = 1, 2, [False, True]  # num_res_blocks, len(channel_mult), attention per level (ds 1, 2)
@@ -251,3 +258,22 @@ def test_another_ldm_kind_is_refused(files: tuple[Path, Path], tmp_path: Path) -
     OmegaConf.save(OmegaConf.create({"model": {"params": uncond}}), config)
     with pytest.raises(ConversionError, match=r"class-conditional VQ LDMs"):
         convert(ckpt, config, tmp_path / "out")
+
+
+def test_the_shipped_ldm_cin256_config_is_what_cin256_v2_converts_to() -> None:
+    """conf/model/ldm_cin256.yaml (arch, scheduler, shapes) against CompVis's configs/latent-diffusion/cin256-v2.yaml
+    (its values, as published in CompVis/latent-diffusion and CompVis/stable-diffusion)."""
+    cin = {"linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "unet_config": {"params": {
+        "image_size": 64, "in_channels": 3, "out_channels": 3, "model_channels": 192,
+        "attention_resolutions": [8, 4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 3, 5], "num_heads": 1,
+        "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 512}},
+        "first_stage_config": {"params": {"embed_dim": 3, "n_embed": 8192, "ddconfig": {
+            "double_z": False, "z_channels": 3, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+            "ch_mult": [1, 2, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}}}
+    shipped = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "ldm_cin256.yaml"))
+    assert shipped["arch"] == unet_config(cin)
+    assert {k: v for k, v in scheduler_config(cin).items() if k != "timestep_spacing"} == shipped["scheduler"]
+    vq = vq_config(cin)
+    assert shipped["decoder_scaling_factor"] == vq["scaling_factor"] == 1.0
+    assert shipped["sample_shape"] == [vq["latent_channels"], 64, 64] and shipped["image_shape"] == [3, 256, 256]
+    assert shipped["cond_shape"] == [1, 512] and shipped["num_classes"] == 1000

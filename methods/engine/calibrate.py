@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel, denoise
+from harness.progress import progress_bar
 from methods.engine.context import install_timestep_context
 from methods.engine.modules import act_quantizers
 
@@ -73,7 +73,7 @@ def calibrate_activations(
     total = -(-len(calib) // batch_size) if not by_timestep else sum(
         -(-int((calib.t == ts).sum()) // batch_size) for ts in calib.schedule
     )
-    for batch in tqdm(calib.batches(batch_size, by_timestep=by_timestep), total=total, desc="calibrate acts"):
+    for batch in progress_bar(calib.batches(batch_size, by_timestep=by_timestep), total=total, desc="calibrate acts"):
         denoise(model, *batch_inputs(batch, device))
     for name, q in quantizers:
         if q._lo is None:

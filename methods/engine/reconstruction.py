@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel, denoise
+from harness.progress import progress_bar
 from methods.engine import events
 from methods.engine.adaround import AdaRound, freeze_layer
 from methods.engine.blocks import find_blocks
@@ -133,7 +133,7 @@ def optimize_layers(
     iters = cfg.iters if groups else 0
     try:
         opt = torch.optim.Adam(groups) if groups else None
-        bar = tqdm(range(iters), desc=desc, leave=False)
+        bar = progress_bar(range(iters), desc=desc, leave=False)
         for it in bar:
             rec = loss_fn()
             beta = cfg.beta_at(it)
@@ -367,7 +367,7 @@ def reconstruct_model(
     try:
         with torch.random.fork_rng(devices=_cuda_ids(device)):
             torch.manual_seed(cfg.seed)
-            for name, unit in tqdm(units, desc="block reconstruction", unit="block"):
+            for name, unit in progress_bar(units, desc="block reconstruction", unit="block"):
                 if name in skip:
                     stats["skipped"].append(name)
                     continue
