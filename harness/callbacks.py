@@ -4,8 +4,9 @@ Every run (and its FP reference) appends one line to a ledger (`runs.jsonl` in t
 or in the run folder of a single run): finished, failed or resumed, with the first line of the
 error. The callbacks truncate it when a sweep starts and read it when it ends, so the summary also
 covers launchers whose jobs run in other processes. A sweep regenerates the tables from what
-finished first, then prints the summary and exits non-zero if any run failed; a single run exits
-non-zero when it (or its FP reference) failed.
+finished first, then prints the summary and the sweep's own table (its runs only, rich when
+installed) and exits non-zero if any run failed; a single run exits non-zero when it (or its FP
+reference) failed.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.aggregate.cli import aggregate
+from harness.aggregate.cli import aggregate, load_frame, make_tables
+from harness.aggregate.console import print_table
 
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "runs.jsonl"
 OUTCOMES = ("finished", "failed", "resumed")
+SWEEP_TABLES = ("quality", "ablation")  # printed when a sweep ends (latency comes from harness.bench)
 
 
 def ledger_path(hc: DictConfig | None = None) -> Path:
@@ -59,11 +62,29 @@ def summary(entries: list[dict[str, Any]], where: Path) -> tuple[str, bool]:
     return "\n".join(lines), counts["failed"] > 0
 
 
-def _report_and_exit(path: Path) -> None:
-    text, failed = summary(read_ledger(path), path)
+def _report_and_exit(path: Path, store: Path | None = None) -> None:
+    """The summary, then (a sweep, given its store) the sweep's own tables, then the exit code."""
+    entries = read_ledger(path)
+    text, failed = summary(entries, path)
     print(text, flush=True)  # stdout: the last lines a user sees, whatever the logging config
+    if store is not None:
+        print_sweep_tables(store, {str(e.get("run_id")) for e in entries})
     if failed:
         sys.exit(1)  # SystemExit passes Hydra's callback guard (it catches Exception only)
+
+
+def print_sweep_tables(store: Path, run_ids: set[str]) -> None:
+    """The quality (and ablation) table of this sweep's runs, FP references and resumed runs included:
+    what the sweep measured, on the console, with the same cells and marks as quality.md."""
+    try:
+        _, frame, evidence = load_frame(store)
+        tables = make_tables(frame[frame["run_id"].isin(run_ids)], evidence, kinds=SWEEP_TABLES)
+    except Exception as err:  # noqa: BLE001 - a console table never hides the runs' results or exit code
+        log.warning("could not print the sweep's tables from %s: %s", store, err)
+        return
+    for table in tables.values():
+        print(flush=True)
+        print_table(table)
 
 
 class AggregateTables(Callback):
@@ -89,4 +110,4 @@ class AggregateTables(Callback):
             written = []
         for path in written:
             print(f"table: {path}", flush=True)
-        _report_and_exit(ledger_path(config.hydra))
+        _report_and_exit(ledger_path(config.hydra), store)

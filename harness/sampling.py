@@ -21,11 +21,11 @@ from diffusers import (
     PNDMScheduler,
     SchedulerMixin,
 )
-from tqdm.auto import tqdm
 
 from harness.config import SamplerConfig
 from harness.finite import check_finite
 from harness.models.base import DiffusionModel, denoise
+from harness.progress import progress_bar
 
 NOISE_CHUNK = 1000
 StepCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
@@ -112,7 +112,7 @@ def sample(model: DiffusionModel, sampler: SamplerConfig, n: int, batch_size: in
     images, latents, traj_rows = [], [], []
     timesteps: list[int] = []
     steps = sampler.steps
-    bar = tqdm(total=-(-n // batch_size) * steps, desc=desc, unit="step", leave=False)
+    bar = progress_bar(total=-(-n // batch_size) * steps, desc=desc, unit="step", leave=False)
     for off in range(0, n, batch_size):
         first, count = offset + off, min(batch_size, n - off)
         sched = make_scheduler(model, sampler)

@@ -339,3 +339,19 @@ def test_feature_files_fall_back_to_the_store_copy(tmp_path: Path) -> None:
                          artifacts={"eval_features": str(tmp_path / "gone.safetensors")}),
                RunRecord(run_id="ccc", model="m", method="rtn", bits="w8a8")]
     assert feature_files(store, records) == {"aaa": own, "bbb": kept}
+
+
+def test_sweep_ends_with_its_own_table_on_the_console(tmp_path: Path, capsys) -> None:
+    """The callback prints the quality table of the sweep's runs only; a log (no TTY) keeps bold as **...**."""
+    from harness.callbacks import print_sweep_tables
+
+    store = ResultsStore(tmp_path / "store")
+    for rec in _records():
+        store.write(rec)
+    print_sweep_tables(store.root, {"r03", "r04", "r01", "r02", "r07"})  # ddpm_mnist W4A8 and its FP
+    out = capsys.readouterr().out
+    assert "Sample quality of each PTQ method" in out and "Q-Diffusion" in out and "**9.30 ± 0.14**" in out
+    assert "cifar" not in out and "w8a8" not in out, "runs of other sweeps are not this sweep's table"
+    assert "Cells: mean ± std over seeds" in out, "the notes say what ± means"
+    print_sweep_tables(tmp_path / "missing", {"x"})
+    assert capsys.readouterr().out == "", "nothing to print is not an error"

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from harness.finite import check_finite
+from harness.progress import progress_bar
 from harness.registry import Registry
 
 FEATURE_KEYS = ("pooled", "spatial", "logits")
@@ -98,7 +98,7 @@ def images_to_features(
         raise ValueError(f"<batch_size={batch_size}> must be a positive integer")
     parts = []
     starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc=desc or f"{extractor.name} features", disable=not progress, leave=False):
+    for s in progress_bar(starts, desc=desc or f"{extractor.name} features", disable=not progress, leave=False):
         with torch.no_grad():
             parts.append(extractor.extract_batch(images[s : s + batch_size].to(extractor.device)))
         for key, t in parts[-1].tensors().items():  # a NaN feature would become a plausible FID
