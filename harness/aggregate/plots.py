@@ -80,7 +80,9 @@ def save(fig: Figure, path: Path) -> Path:
     """Write the figure as every format in FORMATS beside `path` (its suffix replaced); returns the PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for fmt in FORMATS:
-        fig.savefig(path.with_suffix(f".{fmt}"), dpi=DPI)
+        # no creation date: regenerating committed figures from the same records changes no byte
+        metadata = {"CreationDate": None} if fmt == "pdf" else {}
+        fig.savefig(path.with_suffix(f".{fmt}"), dpi=DPI, metadata=metadata)
     return path.with_suffix(".png")
 
 
