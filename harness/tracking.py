@@ -409,8 +409,9 @@ def headline(record: RunRecord, where: Path | str, location: str | None = None) 
     """The one console line a run ends with: its label, status, headline metrics with their CIs, the
     calibration time and where the record (and the W&B run, if any) went."""
     label = f"{run_name(record)} {record.status}"
+    wandb = f" | W&B {location}" if location else ""
     if not record.finished:
-        return f"{label}: {(record.error or '').splitlines()[0] if record.error else '?'} -> {where}"
+        return f"{label}: {(record.error or '').splitlines()[0] if record.error else '?'} -> {where}{wandb}"
     lenet = _extractor(record) == "lenet"
     parts = []
     for key, info in HEADLINE.items():
@@ -426,8 +427,7 @@ def headline(record: RunRecord, where: Path | str, location: str | None = None) 
         parts.append(text)
     if "calib_seconds" in record.metrics and record.method != "fp":
         parts.append(f"calib {record.metrics['calib_seconds']:.0f} s")
-    line = f"{label}: {' '.join(parts) or 'no metrics'} -> {where}"
-    return f"{line} | W&B {location}" if location else line
+    return f"{label}: {' '.join(parts) or 'no metrics'} -> {where}{wandb}"
 
 
 LOGGERS = ("wandb", "none")

@@ -285,6 +285,7 @@ def test_headline_is_one_line_with_metric_names_cis_and_where_it_went(tmp_path: 
     assert headline(record, "x.json", "wandb/offline-run-1").endswith("-> x.json | W&B wandb/offline-run-1")
     failed = _record(tmp_path, status="failed", error="RuntimeError: boom\nmore", metrics={})
     assert headline(failed, "x.json") == "ddpm_mnist/tfmq/w4a8/fake failed: RuntimeError: boom -> x.json"
+    assert headline(failed, "x.json", "wb/run").endswith("boom -> x.json | W&B wb/run")
     assert "\n" not in headline(record, "x.json")
 
 
