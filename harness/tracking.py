@@ -17,7 +17,10 @@ offline at once rather than each waiting again.
 In the W&B workspace: per-timestep curves are history rows with `timestep` as their step metric
 (`curves/<name>`, per-block series as `curves/<name>/<block>`), so runs overlay and seeds group;
 live reconstruction losses are `recon/loss_<weights|acts>` over `recon/step` and per block
-`block/<weights|acts>/loss_before|after` over `block/index`; metrics and timings are in the summary.
+`block/<weights|acts>/loss_before|after` over `block/index`; phase times are `timings/<phase>`;
+metrics (`metrics/<key>`) and timings are in the summary; `tables/*` are per-block errors and the
+curves; `samples/grid` and `samples/fp_vs_quantized` the grids; the record and its tables are the
+run's `record-<run_id>` artifact.
 """
 
 from __future__ import annotations
@@ -175,8 +178,9 @@ def curve_block_errors(curves: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _tables(record: RunRecord) -> dict[str, Any]:
-    """The record's W&B Tables; fresh objects on each call (a Table goes to one place only)."""
+def _tables(record: RunRecord, curves: list[dict[str, float]]) -> dict[str, Any]:
+    """The record's W&B Tables (`curves`: its curve_rows); fresh objects on each call, as a Table
+    goes to one place only."""
     import wandb
 
     tables = {}
@@ -184,9 +188,9 @@ def _tables(record: RunRecord) -> dict[str, Any]:
         tables["tables/reconstruction"] = wandb.Table(columns=BLOCK_COLUMNS, data=rows)
     if rows := curve_block_errors(record.curves):
         tables["tables/curve_block_errors"] = wandb.Table(columns=["curve", "block", "mean", "max"], data=rows)
-    if rows := curve_rows(record.curves):
-        columns = list(rows[0])
-        tables["tables/curves"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    if curves:
+        columns = list(curves[0])
+        tables["tables/curves"] = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in curves])
     return tables
 
 
@@ -361,15 +365,18 @@ class WandbSink:
                 self._block_index += 1
                 run.log({"block/index": self._block_index, f"block/{phase}/loss_before": before,
                          f"block/{phase}/loss_after": after})
-        for row in curve_rows(record.curves):
+        curves = curve_rows(record.curves)
+        for row in curves:
             run.log(row)
-        payload: dict[str, Any] = _tables(record)
+        payload: dict[str, Any] = _tables(record, curves)
         name, grid = run_name(record), images if images is not None else record.artifacts.get("grid")
         if isinstance(grid, str) and not Path(grid).is_file():  # outputs/ of another machine
             grid = None
         if grid is not None:
             ev = record.config.get("eval") if isinstance(record.config.get("eval"), Mapping) else {}
-            caption = f"{name}: first samples of eval seed {ev.get('seed', '?')}"
+            sampler = record.config.get("sampler") if isinstance(record.config.get("sampler"), Mapping) else {}
+            caption = (f"{name}: first {ev.get('grid', '?')} samples of eval seed {ev.get('seed', '?')}, "
+                       f"{sampler.get('name', record.sampler)} {sampler.get('steps', '?')} steps")
             payload["samples/grid"] = wandb.Image(grid, caption=caption)
             if fp_grid is not None and Path(fp_grid).is_file():
                 payload["samples/fp_vs_quantized"] = [wandb.Image(fp_grid, caption="FP, same seeds"),
@@ -382,7 +389,7 @@ class WandbSink:
                                   description=f"{name}: the results-store record and its tables",
                                   metadata={"run_id": record.run_id, "status": record.status})
         artifact.add_file(str(record_path), name="record.json")
-        for key, table in _tables(record).items():
+        for key, table in _tables(record, curves).items():
             artifact.add(table, key.replace("/", "-"))
         for key in ("grid", "fp_grid"):
             path = record.artifacts.get(key) if key == "grid" else fp_grid

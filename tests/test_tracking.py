@@ -120,7 +120,8 @@ def _record(tmp: Path, **kw) -> RunRecord:
         report={"recipe": {"lr": 0.001, "iters": 10, "variant": "select"}, "timings": {"quantize": 2.0},
                 "details": {"weight_recon": {"blocks": {"down.0": {"loss_before": 0.5, "loss_after": 0.25, "iters": 10,
                                                                    "seconds": 1.0, "layers": 2}}},
-                            "tiar": {"loss_before": 0.2, "loss_after": 0.1, "iters": 10, "seconds": 0.5}}},
+                            "tiar": {"layers": ["a", "b"], "loss_before": 0.2, "loss_after": 0.1, "iters": 10,
+                                     "seconds": 0.5}}},
         artifacts={"grid": _grid(tmp / "grid.png"), "fp_grid": _grid(tmp / "fp_grid.png", seed=7)},
     )
     return RunRecord(**{**base, **kw})
@@ -182,7 +183,7 @@ def test_live_run_logs_phases_and_losses_as_they_happen_then_the_results(offline
     table = json.loads(next(files.glob("media/table/tables/reconstruction_*.json")).read_text())
     assert table["columns"][:5] == ["stage", "block", "phase", "loss_before", "loss_after"]
     assert table["data"] == [["weight_recon", "down.0", "weights", 0.5, 0.25, 10, 1.0],
-                             ["tiar", "tiar", "acts", 0.2, 0.1, 10, 0.5]]
+                             ["tiar", "tiar", "weights", 0.2, 0.1, 10, 0.5]]
     assert json.loads((files / "run_record.json").read_text()) == record.to_dict()
     artifact = next(a for a in by_type(log, "artifact") if a.type == "run-record")
     assert artifact.name == f"record-{record.run_id}"
@@ -197,7 +198,7 @@ def test_a_record_never_seen_live_gets_its_block_losses_from_the_report(offline_
     rows = history(finished_log(Path(sink.location)))
     blocks = [r for r in rows if "block/index" in r]
     assert [(r["block/index"], r.get("block/weights/loss_after"), r.get("block/acts/loss_after")) for r in blocks] == [
-        (1, 0.25, None), (2, None, 0.1)]
+        (1, 0.25, None), (2, 0.1, None)]
 
 
 def test_failed_record_is_a_failed_run_with_the_error(offline_env: Path) -> None:
