@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 
 from harness.aggregate.cli import aggregate, load_frame, make_tables
 from harness.aggregate.console import print_table
+from harness.aggregate.frame import FP_METHOD
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,20 @@ def _report_and_exit(path: Path, store: Path | None = None) -> None:
         sys.exit(1)  # SystemExit passes Hydra's callback guard (it catches Exception only)
 
 
+def sweep_rows(frame: pd.DataFrame, run_ids: set[str]) -> pd.DataFrame:
+    """The sweep's runs (resumed ones included) and the FP reference of each (model, backend, sampler)
+    they ran with: a resumed run never recomputes its FP reference, so the ledger does not name it."""
+    keys = pd.Series(list(zip(frame["model"], frame["backend"], frame["sampler"], strict=True)), index=frame.index)
+    ours = frame["run_id"].isin(run_ids)
+    return frame[ours | ((frame["method"] == FP_METHOD) & keys.isin(set(keys[ours])))]
+
+
 def print_sweep_tables(store: Path, run_ids: set[str]) -> None:
-    """The quality (and ablation) table of this sweep's runs, FP references and resumed runs included:
-    what the sweep measured, on the console, with the same cells and marks as quality.md."""
+    """The quality (and ablation) table of this sweep's runs and their FP references: what the sweep
+    measured, on the console, with the same cells and marks as quality.md."""
     try:
         _, frame, evidence = load_frame(store)
-        tables = make_tables(frame[frame["run_id"].isin(run_ids)], evidence, kinds=SWEEP_TABLES)
+        tables = make_tables(sweep_rows(frame, run_ids), evidence, kinds=SWEEP_TABLES)
     except Exception as err:  # noqa: BLE001 - a console table never hides the runs' results or exit code
         log.warning("could not print the sweep's tables from %s: %s", store, err)
         return

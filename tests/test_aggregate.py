@@ -348,9 +348,10 @@ def test_sweep_ends_with_its_own_table_on_the_console(tmp_path: Path, capsys) ->
     store = ResultsStore(tmp_path / "store")
     for rec in _records():
         store.write(rec)
-    print_sweep_tables(store.root, {"r03", "r04", "r01", "r02", "r07"})  # ddpm_mnist W4A8 and its FP
+    print_sweep_tables(store.root, {"r03", "r04", "r01", "r02"})  # ddpm_mnist W4A8, resumed: no FP in the ledger
     out = capsys.readouterr().out
     assert "Sample quality of each PTQ method" in out and "Q-Diffusion" in out and "**9.30 ± 0.14**" in out
+    assert "w32a32" in out and "5.00 ± 0.05" in out, "the FP reference of the sweep's model is its first row"
     assert "cifar" not in out and "w8a8" not in out, "runs of other sweeps are not this sweep's table"
     assert "Cells: mean ± std over seeds" in out, "the notes say what ± means"
     print_sweep_tables(tmp_path / "missing", {"x"})
