@@ -20,8 +20,9 @@ from harness.artifacts import ArtifactCache
 from harness.calibration import CALIB_SEED_OFFSET
 from harness.config import SamplerConfig
 from harness.metrics.features import build_extractor, images_to_features
+from harness.models.base import denoise
 from harness.models.conditions import bind_prompts, read_prompts
-from harness.models.tiny import KINDS, build
+from harness.models.tiny import KINDS, SCHEDULER, UNET_CIN, build
 from harness.models.zoo import load_model, weights_fingerprint
 from harness.run_id import run_id
 from harness.runner import identity_config, run
@@ -317,3 +318,16 @@ def test_the_folder_config_wins_over_model_arch_and_the_record_says_so(pipelines
     model = load_model({**model_cfg("ldm_vq", pipelines["ldm_vq"]), "arch": arch})
     assert list(model.net.config.block_out_channels) == [8, 16], "the checkpoint's architecture runs"
     assert model.extra["arch_differs"] == {"block_out_channels": {"yaml": [8, 32], "loaded": [8, 16]}}
+
+
+@torch.no_grad()
+def test_a_random_class_context_model_builds_its_own_embedder() -> None:
+    """model.init=random (cost estimates of ldm_cin256): a seeded random class embedder, nothing loaded."""
+    cfg = {**model_cfg("ldm_cin", Path("unused")), "init": "random", "path": None, "arch": UNET_CIN,
+           "scheduler": SCHEDULER}
+    model = load_model(cfg)
+    assert model.extra["class_embedder"].startswith("random") and model.decoder is None
+    x, t = torch.randn(2, *model.sample_shape), torch.tensor([10, 900])
+    labels = model.conditions.embed(torch.tensor([1, 2]))
+    assert not torch.allclose(denoise(model, x, t, labels), denoise(model, x, t, model.null_cond(2)))
+    assert torch.equal(load_model(cfg).conditions.embedder.embedding.weight, model.conditions.embedder.embedding.weight)

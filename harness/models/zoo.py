@@ -549,8 +549,10 @@ def load_model(cfg: Mapping) -> DiffusionModel:
     net.eval()
     extra = {"scheduler_source": sched_where, "params": sum(p.numel() for p in net.parameters())}
     random = cfg.get("init", "pretrained") == "random"
-    if random and (cfg.get("decoder") or cfg.get("text_encoder") or cfg.get("class_embedder")):
-        extra["parts"] = "random denoiser only: decoder / text encoder not loaded, class embedder random"
+    if random and (cfg.get("decoder") or cfg.get("text_encoder")):
+        extra["parts"] = "random denoiser only: decoder / text encoder not loaded"
+    if random and cfg.get("class_embedder"):
+        extra["class_embedder"] = f"random (seed {cfg.get('seed', 0) + 1}), not loaded"
     differs = {} if random else _arch_differences(net, cfg)
     if differs:
         log.warning("model.arch of %s differs from the checkpoint's config.json (which is what runs): %s",
