@@ -26,6 +26,10 @@ FLAGS = ("self-reported", "re-run")
 SOURCE_KEYS = ("flag", "run_by", "paper", "table", "seen_in", "verification")
 MEASURED = "this harness"
 PAPER_METRICS = ("fid", "sfid", "is", "clip_score")
+PAPER_NOTES = ("Nothing is bold: the rows come from different protocols, runs and feature extractors and are "
+               "shown side by side, not ranked. Measured cells: value ± half-width of its bootstrap CI (one seed) "
+               "or mean ± std over n seeds. Published numbers: as reported, the source file names the paper and "
+               "table.",)
 
 
 def read_paper_numbers(folder: Path = PAPER_DIR) -> pd.DataFrame:
@@ -89,4 +93,4 @@ def paper_table(frame: pd.DataFrame, numbers: pd.DataFrame, metrics: tuple[str, 
     for group in sorted(published, key=lambda g: (sort_key("model", g[0]), sort_key("bits", g[1]))):
         rows += measured.get(group, []) + published[group]
     return Table("paper", ("Model", "Bits"), ("Method", "Source"), tuple(metric_info(k) for k in metrics),
-                 tuple(rows))
+                 tuple(rows), PAPER_NOTES, "Measured rows beside the numbers papers publish for the same setting")

@@ -40,7 +40,7 @@ _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
 _NOT_METRICS = re.compile(r"_ci_(lo|hi)$|^ci_(level|resamples)$")  # uncertainty columns, never table columns
 _BATCH_DEFAULT = re.compile(r"^(.*_b)<(min|max)>$")  # a DEFAULT_METRICS key measured at several batch sizes
 TITLES = {"quality": "Sample quality of each PTQ method per model and bit-width, against the FP model",
-          "ablation": "Ablation of TFMQ-DM: each component on its own and the full method",
+          "ablation": "Ablation: each variant of a method (components on or off) beside the full method",
           "latency": "Denoiser latency and packed weight memory per backend"}
 EXTRACTOR_NOTES = {
     "lenet": "FID, sFID, IS and KID use LeNet-5 features (MNIST models; LeNet-FID is not comparable with "
