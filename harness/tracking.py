@@ -218,6 +218,7 @@ class WandbSink:
         self._started = False
         self._outcome: str | None = None  # the status of the logged record; None: it never came
         self._unsubscribe: Any = None
+        self._live_failed = False
         self._recon_step = 0
         self._block_index = 0
 
@@ -268,12 +269,13 @@ class WandbSink:
     def _live(self, payload: dict[str, Any]) -> None:
         """Log while the run runs; the first failure stops live logging (one warning, not one per step)."""
         run = self._run
-        if run is None or self._outcome is not None:
+        if run is None or self._live_failed:
             return
         try:
             run.log(payload)
         except Exception as err:  # noqa: BLE001 - W&B must never fail a run
             self.errors += 1
+            self._live_failed = True
             self._stop_listening()
             log.warning("W&B live logging stopped (the run goes on): %s: %s", type(err).__name__, err)
 

@@ -241,6 +241,24 @@ def test_wandb_errors_are_warnings_and_the_stored_record_is_untouched(
     assert path.read_bytes() == before and store.is_finished(record.run_id)
 
 
+def test_a_live_logging_failure_warns_once_and_the_run_goes_on(
+        offline_env: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = WandbSink(mode="offline", dir=str(offline_env / "wb"), console="off")
+    sink.start(_record(offline_env))
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError("no space left")
+
+    monkeypatch.setattr(sink._run, "log", full_disk)
+    with caplog.at_level(logging.WARNING, logger="harness.tracking"):
+        sink.phase("load", 1.0)
+        events.emit("recon_iter", block="b", iter=0, loss=1.0, weights=1, acts=0)
+        sink.phase("quantize", 2.0)
+    assert caplog.text.count("W&B live logging stopped (the run goes on): OSError: no space left") == 1
+    assert sink.errors == 1
+    sink.finish()
+
+
 def test_events_cost_nothing_without_listeners_and_a_failing_listener_is_dropped(
         caplog: pytest.LogCaptureFixture) -> None:
     events.emit("recon_iter", loss=1.0)  # nobody listens: a no-op
