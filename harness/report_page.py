@@ -31,6 +31,7 @@ table.results caption strong { display: block; font-size: 0.9rem; color: #222; }
 table.results caption p { margin: 0.2rem 0; }
 table.results th, table.results td { padding: 0.25rem 0.6rem; border-bottom: 1px solid #e5e5e5; white-space: nowrap; }
 table.results thead th { border-bottom: 2px solid #333; text-align: left; }
+table.results thead th.num { text-align: right; }
 table.results td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85rem; color: #444; }

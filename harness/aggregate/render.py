@@ -167,8 +167,9 @@ def to_latex(table: Table, caption: str | None = None, standalone: bool = False,
 def to_html(table: Table) -> str:
     """A <table> for the HTML report: the same cells, decimals and marks as the Markdown, the title and
     notes as its caption (escaped; no script, no style)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header(table))
     n_text = len(header(table)) - len(table.metrics)
+    head = "".join(f'<th{" class=num" if i >= n_text else ""}>{html.escape(h)}</th>'
+                   for i, h in enumerate(header(table)))
     body = []
     for texts, cells in text_rows(table):
         tds = [f"<td>{html.escape(t)}</td>" for t in texts[:n_text]]
