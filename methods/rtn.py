@@ -16,6 +16,7 @@ import torch
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel
 from methods.base import METHODS, Method, MethodReport, check_rows
+from methods.engine import phases
 from methods.engine.attention import quantize_attention
 from methods.engine.calibrate import calibrate_activations
 from methods.engine.modules import QuantSpec, act_quantizers, freeze_weights, quant_layers, quantize_layers
@@ -36,7 +37,8 @@ def method_spec(spec: QuantSpec, cfg: dict[str, Any]) -> QuantSpec:
 def insert_quantizers(model: DiffusionModel, spec: QuantSpec, keep_fp: list[str], attention: bool) -> dict[str, Any]:
     """Swap layers for QuantLayers (except `keep_fp` globs) and, with activation bits, quantize the
     attention matmuls. Returns what was done, for the report."""
-    kept = quantize_layers(model.net, spec, keep_fp)
+    with phases.phase(phases.RANGE_INIT):  # every weight quantizer's range (an MSE search for most methods)
+        kept = quantize_layers(model.net, spec, keep_fp)
     attn = quantize_attention(model.net, spec) if attention else []
     return {
         "kept_fp_layers": kept,

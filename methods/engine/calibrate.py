@@ -18,6 +18,7 @@ from torch import nn
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel, denoise
 from harness.progress import progress_bar
+from methods.engine import phases
 from methods.engine.context import install_timestep_context
 from methods.engine.modules import act_quantizers
 
@@ -59,6 +60,12 @@ def calibrate_activations(
     """
     if batch_size < 1:
         raise ValueError(f"<batch_size={batch_size}> must be a positive integer")
+    with phases.phase(phases.RANGE_INIT):
+        _observe_and_finalize(model, calib, batch_size, per_timestep)
+
+
+def _observe_and_finalize(model: DiffusionModel, calib: CalibData, batch_size: int, per_timestep: PerTimestep
+                          ) -> None:
     net = model.net
     install_timestep_context(net)
     quantizers = list(act_quantizers(net))

@@ -27,7 +27,7 @@ from torch import nn
 from harness.calibration import CalibData
 from harness.models.base import DiffusionModel, denoise
 from harness.progress import progress_bar
-from methods.engine import events
+from methods.engine import events, phases
 from methods.engine.adaround import AdaRound, freeze_layer
 from methods.engine.blocks import find_blocks
 from methods.engine.calibrate import batch_inputs, net_device
@@ -135,19 +135,23 @@ def optimize_layers(
         opt = torch.optim.Adam(groups) if groups else None
         bar = progress_bar(range(iters), desc=desc, leave=False)
         for it in bar:
-            rec = loss_fn()
+            with phases.phase(phases.FORWARD):
+                rec = loss_fn()
             beta = cfg.beta_at(it)
             loss = rec
             if beta is not None and roundings:
-                loss = rec + cfg.weight_lambda * sum(r.regularizer(beta) for r in roundings)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for g in opt.param_groups:
-                if g.get("act"):
-                    g["lr"] = 0.5 * cfg.act_lr * (1 + math.cos(math.pi * (it + 1) / iters))
-                    for p in g["params"]:
-                        p.data.clamp_(min=1e-8)
+                with phases.phase(phases.REGULARIZER):
+                    loss = rec + cfg.weight_lambda * sum(r.regularizer(beta) for r in roundings)
+            with phases.phase(phases.BACKWARD):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with phases.phase(phases.OPTIMIZER):
+                opt.step()
+                for g in opt.param_groups:
+                    if g.get("act"):
+                        g["lr"] = 0.5 * cfg.act_lr * (1 + math.cos(math.pi * (it + 1) / iters))
+                        for p in g["params"]:
+                            p.data.clamp_(min=1e-8)
             if it % 50 == 0 or it == iters - 1:  # reading the loss syncs a GPU: not every step
                 final = float(rec.detach())
                 bar.set_postfix(rec=f"{final:.4g}")
@@ -406,8 +410,9 @@ def _reconstruct_unit(
         return None
     device = net_device(q_model.net)
     source, module = (fp_model, fp_model.net.get_submodule(name)) if cfg.fp_inputs else (q_model, unit)
-    inputs = _capture(source, rows, module, cfg.capture_batch_size, True, by_t)
-    target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, False, by_t)
+    with phases.phase(phases.CAPTURE):
+        inputs = _capture(source, rows, module, cfg.capture_batch_size, True, by_t)
+        target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, False, by_t)
     t_rows = rows.t
     single_t = any(q.per_timestep for q in quantizers)
 
@@ -417,7 +422,7 @@ def _reconstruct_unit(
             return _as_tensor(unit(*args, **kwargs))
 
     def evaluate() -> float:
-        with torch.no_grad():
+        with torch.no_grad(), phases.phase(phases.EVAL):
             parts = _eval_indices(t_rows, cfg.eval_rows, cfg.capture_batch_size, single_t)
             total = sum(float(recon_error(run(idx), target[idx].to(device))) * idx.numel() for idx in parts)
             return total / sum(idx.numel() for idx in parts)
