@@ -21,17 +21,21 @@ ZETA = 1.1
 class AdaRound(nn.Module):
     """Learnable rounding of one QuantLayer's weight; attaches itself as `layer.weight_rounding`.
 
-    The weight quantizer's (scale, zero point) stay fixed; only `alpha` is learned.
+    The weight and the weight quantizer's (scale, zero point) stay fixed; only `alpha` is learned.
+    So the grid and floor(w / s) are computed once here, not in every forward of the reconstruction
+    loop (the same values, bit for bit).
     """
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
         self.quantizer = layer.weight_quantizer  # qmin / qmax (a split grid has the same bits)
-        self.grid = layer.weight_grid
         self.hard = False
         w = layer.layer.weight.detach()
-        scale, _ = self.grid(w)
-        rest = w / scale - torch.floor(w / scale)
+        scale, zp = layer.weight_grid(w)
+        self.register_buffer("_scale", scale.detach().clone())
+        self.register_buffer("_zero_point", zp.detach().clone())
+        self.register_buffer("_floor", torch.floor(w / scale))
+        rest = w / scale - self._floor
         self.register_buffer("_nearest", (rest >= 0.5).float())
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         layer.weight_rounding = self
@@ -45,10 +49,12 @@ class AdaRound(nn.Module):
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        scale, zp = self.grid(w)
+        """The rounded weight; `w` must be the layer's weight this AdaRound was built on."""
+        if w.shape != self._floor.shape:
+            raise ValueError(f"AdaRound built for a weight of shape {tuple(self._floor.shape)}, got {tuple(w.shape)}")
         offset = (self.alpha >= 0).to(w.dtype) if self.hard else self.soft()
-        q = torch.clamp(torch.floor(w / scale) + offset + zp, self.quantizer.qmin, self.quantizer.qmax)
-        return (q - zp) * scale
+        q = torch.clamp(self._floor + offset + self._zero_point, self.quantizer.qmin, self.quantizer.qmax)
+        return (q - self._zero_point) * self._scale
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """Sum over weights of 1 - |2h - 1|^beta (zero once every h is 0 or 1); the caller applies lambda."""
