@@ -127,6 +127,7 @@ def test_fp_inputs_feed_blocks_the_fp_models_block_inputs(monkeypatch: pytest.Mo
         return real(model, rows, module, batch_size, want_inputs, by_t)
 
     monkeypatch.setattr(reconstruction, "_capture", spy)
+    monkeypatch.setattr(reconstruction, "FP_CAPTURE_BYTES", 0)  # unit by unit (one pass: test_engine_equivalence)
     for fp_inputs in (False, True):
         q, fp = _pair(QuantSpec(4, None))
         sources.clear()

@@ -204,7 +204,7 @@ class _Inputs:
 
     def select(self, idx: torch.Tensor, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
         def pick(v: Any) -> Any:
-            return v.data[idx].to(device) if isinstance(v, _Rows) else v
+            return v.data.index_select(0, idx).to(device) if isinstance(v, _Rows) else v  # a row copy, no gather
 
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
 
@@ -259,6 +259,87 @@ def _capture(
     args = [_collate([g[0][i] for g in got], sizes) for i in range(n_args)]
     kwargs = {k: _collate([g[1][k] for g in got], sizes) for k in got[0][1]}
     return _Inputs(args, kwargs)
+
+
+# The FP model's block inputs / outputs of all units are captured in one pass when they fit in this
+# many bytes (ddpm_mnist, quick recipe: about 0.3 GB); beyond it, unit by unit as before.
+FP_CAPTURE_BYTES = 2 << 30
+
+
+def _clone_value(v: Any) -> Any:
+    return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+
+class _FpCapture:
+    """The FP model's inputs and outputs of every unit of one reconstruction pass, captured on first
+    use in a single forward pass over the rows (one partial pass per unit and kind costs a quadratic
+    number of block evaluations). The tensors are the ones the per-unit capture would keep: the same
+    batches, the first call of each unit per batch, cloned at the hook because the pass goes on.
+    When they would exceed `budget` bytes (estimated after the first batch), `get` returns None and
+    the caller captures unit by unit."""
+
+    def __init__(self, model: DiffusionModel, rows: CalibData, names: list[str], batch_size: int, by_t: bool,
+                 want_inputs: bool, budget: int | None = None) -> None:
+        self.model, self.rows, self.names, self.batch_size, self.by_t = model, rows, names, batch_size, by_t
+        self.want_inputs, self.budget = want_inputs, FP_CAPTURE_BYTES if budget is None else budget
+        self._store: dict[str, tuple[_Inputs | None, torch.Tensor]] | None = None
+        self._tried = False
+
+    def get(self, name: str) -> tuple[_Inputs | None, torch.Tensor] | None:
+        if not self._tried:
+            self._tried = True
+            self._store = self._capture_all()
+        return None if self._store is None else self._store.get(name)
+
+    @torch.no_grad()
+    def _capture_all(self) -> dict[str, tuple[_Inputs | None, torch.Tensor]] | None:
+        device = net_device(self.model.net)
+        got: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {n: [] for n in self.names}
+        seen: set[str] = set()
+
+        def make_hook(name: str) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+                if name in seen:  # the per-unit capture stops at the first call
+                    return
+                seen.add(name)
+                keep_args = tuple(_clone_value(a) for a in args) if self.want_inputs else ()
+                keep_kwargs = {k: _clone_value(v) for k, v in kwargs.items()} if self.want_inputs else {}
+                got[name].append((keep_args, keep_kwargs, _as_tensor(out).detach().clone().cpu()))
+            return hook
+
+        handles = [self.model.net.get_submodule(n).register_forward_hook(make_hook(n), with_kwargs=True)
+                   for n in self.names]
+        sizes: list[int] = []
+        try:
+            for batch in self.rows.batches(self.batch_size, by_timestep=self.by_t):
+                seen.clear()
+                denoise(self.model, *batch_inputs(batch, device))
+                sizes.append(len(batch))
+                if len(sizes) == 1 and _bytes(got) * len(self.rows) / len(batch) > self.budget:
+                    return None
+        finally:
+            for h in handles:
+                h.remove()
+        store: dict[str, tuple[_Inputs | None, torch.Tensor]] = {}
+        for name, calls in got.items():
+            if len(calls) != len(sizes):  # not called in every batch: the per-unit capture says why
+                continue
+            inputs = None
+            if self.want_inputs:
+                args = [_collate([c[0][i] for c in calls], sizes) for i in range(len(calls[0][0]))]
+                inputs = _Inputs(args, {k: _collate([c[1][k] for c in calls], sizes) for k in calls[0][1]})
+            store[name] = (inputs, torch.cat([c[2] for c in calls]))
+        return store
+
+
+def _bytes(got: dict[str, list[tuple[tuple, dict, torch.Tensor]]]) -> int:
+    total = 0
+    for calls in got.values():
+        for args, kwargs, out in calls:
+            for v in (*args, *kwargs.values(), out):
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+    return total
 
 
 # -- minibatches ----------------------------------------------------------------------------------
@@ -371,11 +452,13 @@ def reconstruct_model(
     try:
         with torch.random.fork_rng(devices=_cuda_ids(device)):
             torch.manual_seed(cfg.seed)
+            fp = _FpCapture(fp_model, rows, [n for n, _ in units if n not in skip], cfg.capture_batch_size, by_t,
+                            want_inputs=cfg.fp_inputs)
             for name, unit in progress_bar(units, desc="block reconstruction", unit="block"):
                 if name in skip:
                     stats["skipped"].append(name)
                     continue
-                result = _reconstruct_unit(q_model, fp_model, rows, name, unit, cfg, set(frozen), gen, by_t)
+                result = _reconstruct_unit(q_model, fp_model, rows, name, unit, cfg, set(frozen), gen, by_t, fp)
                 if result is None:
                     stats["skipped"].append(name)
                 else:
@@ -398,6 +481,7 @@ def _reconstruct_unit(
     frozen: set[str],
     gen: torch.Generator,
     by_t: bool,
+    fp: _FpCapture,
 ) -> dict[str, float] | None:
     """One unit: capture, measure, optimise, measure. None when it has nothing to optimise."""
     start = time.perf_counter()
@@ -411,8 +495,10 @@ def _reconstruct_unit(
     device = net_device(q_model.net)
     source, module = (fp_model, fp_model.net.get_submodule(name)) if cfg.fp_inputs else (q_model, unit)
     with phases.phase(phases.CAPTURE):
-        inputs = _capture(source, rows, module, cfg.capture_batch_size, True, by_t)
-        target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, False, by_t)
+        fp_inputs, target = fp.get(name) or (None, None)
+        if target is None:
+            target = _capture(fp_model, rows, fp_model.net.get_submodule(name), cfg.capture_batch_size, False, by_t)
+        inputs = fp_inputs or _capture(source, rows, module, cfg.capture_batch_size, True, by_t)
     t_rows = rows.t
     single_t = any(q.per_timestep for q in quantizers)
 
@@ -424,13 +510,14 @@ def _reconstruct_unit(
     def evaluate() -> float:
         with torch.no_grad(), phases.phase(phases.EVAL):
             parts = _eval_indices(t_rows, cfg.eval_rows, cfg.capture_batch_size, single_t)
-            total = sum(float(recon_error(run(idx), target[idx].to(device))) * idx.numel() for idx in parts)
+            total = sum(float(recon_error(run(idx), target.index_select(0, idx).to(device))) * idx.numel()
+                        for idx in parts)
             return total / sum(idx.numel() for idx in parts)
 
     def loss_fn() -> torch.Tensor:
         idx = _train_indices(t_rows, cfg.batch_size, single_t, gen)
         with _qdrop(unit, cfg.qdrop_prob):
-            return recon_error(run(idx), target[idx].to(device))
+            return recon_error(run(idx), target.index_select(0, idx).to(device))
 
     before = evaluate()
     result = optimize_layers(layers, act_params, loss_fn, cfg, desc=name)
