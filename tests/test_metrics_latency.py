@@ -46,7 +46,9 @@ def test_benchmark_latency_uses_blocked_autorange() -> None:
     out = benchmark_latency(tiny_model(), batch_sizes=[2], warmup=1, min_run_time=0.05)
     row = out["per_batch"][0]
     assert out["timer"] == "blocked_autorange" and out["min_run_time"] == 0.05
-    assert row["calls"] >= 2 and 0 < row["ms_min"] <= row["ms_per_call"] and row["iqr_ms"] >= 0
+    # blocked_autorange stops after one block when a call outlasts min_run_time (a loaded machine):
+    # the number of calls is a timing outcome, so only its consistency is asserted.
+    assert row["calls"] >= 1 and 0 < row["ms_min"] <= row["ms_per_call"] and row["iqr_ms"] >= 0
     with pytest.raises(ValueError, match="min_run_time"):
         benchmark_latency(tiny_model(), batch_sizes=[1], min_run_time=0)
 
