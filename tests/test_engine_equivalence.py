@@ -117,3 +117,12 @@ def test_reconstruction_is_bit_identical_to_the_reference_paths(acts: bool, cfg:
             assert ref[key] is None, key
         else:
             assert torch.equal(fast[key], ref[key]), key
+
+
+def test_minibatch_rows_keep_the_captured_memory_format() -> None:
+    """Block inputs captured after an attention block are channels-last views; a minibatch must keep
+    that layout (index_select would not), or the block's convolutions round differently."""
+    rows = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    inputs = reconstruction._Inputs([reconstruction._Rows(rows)], {})
+    (picked,), _ = inputs.select(torch.tensor([4, 1]), torch.device("cpu"))
+    assert picked.is_contiguous(memory_format=torch.channels_last) and torch.equal(picked, rows[[4, 1]])

@@ -204,7 +204,9 @@ class _Inputs:
 
     def select(self, idx: torch.Tensor, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
         def pick(v: Any) -> Any:
-            return v.data.index_select(0, idx).to(device) if isinstance(v, _Rows) else v  # a row copy, no gather
+            # Advanced indexing keeps the captured memory format (channels-last after an attention
+            # block); index_select would not, and convolutions then round differently.
+            return v.data[idx].to(device) if isinstance(v, _Rows) else v
 
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
 
@@ -510,14 +512,14 @@ def _reconstruct_unit(
     def evaluate() -> float:
         with torch.no_grad(), phases.phase(phases.EVAL):
             parts = _eval_indices(t_rows, cfg.eval_rows, cfg.capture_batch_size, single_t)
-            total = sum(float(recon_error(run(idx), target.index_select(0, idx).to(device))) * idx.numel()
+            total = sum(float(recon_error(run(idx), target[idx].to(device))) * idx.numel()
                         for idx in parts)
             return total / sum(idx.numel() for idx in parts)
 
     def loss_fn() -> torch.Tensor:
         idx = _train_indices(t_rows, cfg.batch_size, single_t, gen)
         with _qdrop(unit, cfg.qdrop_prob):
-            return recon_error(run(idx), target.index_select(0, idx).to(device))
+            return recon_error(run(idx), target[idx].to(device))
 
     before = evaluate()
     result = optimize_layers(layers, act_params, loss_fn, cfg, desc=name)
