@@ -168,3 +168,17 @@ def test_symmetric_grids_and_split_weights_come_from_the_config() -> None:
     assert _yaml("qdiff")["act_symmetric"] is True, "Q-Diffusion's README runs use --a_sym"
     with pytest.raises(ValueError, match="act_inputs"):
         check_settings(METHODS.get("qdiff"), {**_cfg("qdiff"), "act_inputs": "both"}, "quick")
+
+
+def test_footprint_reports_the_models_own_memory(family) -> None:
+    """report.footprint: weights at the target bit-width (4-bit below fp32) and the activation peak of
+    one denoiser call, which grows with the batch and holds at least the call's output."""
+    model, calib = family
+    method = METHODS.get("rtn")(_cfg("rtn", calib_rows=len(calib)), "quick")
+    fp = METHODS.get("fp")({"name": "fp"}, "quick").quantize(model, None, None, footprint_batch=4).report.footprint
+    small = method.quantize(model, calib, QuantSpec(4, 8), footprint_batch=2).report.footprint
+    big = method.quantize(model, calib, QuantSpec(4, 8), footprint_batch=8).report.footprint
+    assert small["model_weight_bytes"] == big["model_weight_bytes"] < fp["model_weight_bytes"]
+    out_bytes = 8 * torch.Size(model.sample_shape).numel() * 4
+    assert big["activation_peak_bytes"] >= out_bytes and big["activation_peak_bytes"] > small["activation_peak_bytes"]
+    assert big["footprint_batch_size"] == 8 and fp["activation_peak_bytes"] > 0
