@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import overhead, sweep_time
+from harness import overhead, profile_calibration, sweep_time
 from harness.store import ResultsStore
 
 TINY = ["model=tiny_unet", "eval=smoke", "logger=none", "sampler.steps=4", "calibration.n_samples=4"]
@@ -19,6 +19,31 @@ def test_sweep_time_runs_the_sweep_then_resumes_it(tmp_path: Path, capsys: pytes
     assert sorted(r.method for r in records) == ["fp", "rtn"] and all(r.finished for r in records)
     assert "from scratch:" in out and "all resumed:" in out
     assert out.count("finished") == 2, "both new runs are listed with their phases"
+
+
+def test_sweep_time_calibration_compares_trees_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--calib: one subprocess per (round, method, tree), medians and the ratio to the first tree."""
+    root = Path(sweep_time.__file__).resolve().parents[1]
+    sweep_time.main(["--calib", "rtn", "--trees", str(root), str(root), "--rounds", "1", "--artifacts",
+                     str(tmp_path / "art"), "--", *TINY])
+    out = capsys.readouterr().out
+    assert out.count("round 1 rtn") == 2 and "median of 1 interleaved rounds" in out and "1.00x" in out
+
+
+def test_sweep_time_sampling_reports_throughput_against_the_peak(capsys: pytest.CaptureFixture) -> None:
+    sweep_time.main(["--sampling", "--", *TINY, "eval.n_samples=2", "eval.batch_size=2"])
+    out = capsys.readouterr().out
+    assert "images/s" in out and "fp32 matmul peak" in out and "% of peak" in out
+
+
+def test_profile_calibration_splits_phases_and_lists_ops(tmp_path: Path) -> None:
+    text = profile_calibration.main([*TINY, "method=qdiff", "bits=w4a8", "profile.iters=2", "profile.op_iters=1",
+                                     "profile.top=5", f"profile.out={tmp_path}", f"paths.artifacts={tmp_path / 'art'}",
+                                     "method.recipes.quick.samples_per_step=2", "method.recipes.quick.n_steps=2"])
+    assert (tmp_path / "qdiff.txt").read_text().strip() == text.strip()
+    for phase in ("capture", "forward", "backward", "optimizer", "range_init", "other"):
+        assert f"\n{phase} " in text
+    assert "Self CPU" in text
 
 
 def test_overhead_splits_a_run_into_work_and_harness(capsys: pytest.CaptureFixture) -> None:
