@@ -12,11 +12,14 @@ Papers often print the cosine itself (0.306 = 30.6 here).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPModel, CLIPProcessor
 
 from harness.metrics.features import to_uint8
+
+if TYPE_CHECKING:  # transformers' CLIP loads only when eval.clip_model is set
+    from transformers import CLIPModel, CLIPProcessor
 
 
 def load_clip(path: str | Path) -> tuple[CLIPModel, CLIPProcessor]:
@@ -26,6 +29,8 @@ def load_clip(path: str | Path) -> tuple[CLIPModel, CLIPProcessor]:
         raise FileNotFoundError(f"<eval.clip_model={path}> is not a transformers CLIP folder (config.json, weights, "
                                 "tokenizer and preprocessor_config.json, as CLIPModel/CLIPProcessor.save_pretrained "
                                 "write them)")
+    from transformers import CLIPModel, CLIPProcessor
+
     return CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
 
 

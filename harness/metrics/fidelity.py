@@ -17,10 +17,9 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_kid import kid_features_to_metric
 
+# torch-fidelity is imported inside the functions that use it: importing it loads torchvision.models
+# (about a second), which a resumed sweep never needs.
 from harness.metrics.features import FeatureExtractor, Features, images_to_features
 from harness.metrics.uncertainty import (
     DEFAULT_BOOTSTRAP,
@@ -53,6 +52,8 @@ def features_to_statistics(features: torch.Tensor) -> dict[str, torch.Tensor]:
     """Mean and covariance (float64) of (N, D) features, by torch-fidelity."""
     if features.dim() != 2 or len(features) < 2:
         raise ValueError(f"need (N >= 2, D) features for a covariance, got shape {tuple(features.shape)}")
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
     stats = fid_features_to_statistics(features.detach().cpu().double())
     return {"mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"]))}
 
@@ -69,6 +70,8 @@ def statistics_to_fid(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         from cleanfid.fid import frechet_distance
 
         return float(frechet_distance(mu1, s1, mu2, s2))
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
     return float(fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)
                  ["frechet_inception_distance"])
 
@@ -98,6 +101,8 @@ def features_to_kid(a: torch.Tensor, b: torch.Tensor, subsets: int = KID_SUBSETS
             return float(kernel_distance(a.numpy(), b.numpy(), subsets, size)), float("nan")
         finally:
             np.random.set_state(state)
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
     out = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False)
     return out["kernel_inception_distance_mean"], out["kernel_inception_distance_std"]
 
@@ -106,6 +111,8 @@ def logits_to_is(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int = 0) -
     """Inception Score (mean, std over splits) by torch-fidelity; at most the number of classes."""
     if len(logits) < splits:
         raise ValueError(f"IS with {splits} splits needs at least {splits} images, got {len(logits)}")
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
     out = isc_features_to_metric(logits.detach().cpu(), splits=splits, shuffle=True, rng_seed=seed)
     return out["inception_score_mean"], out["inception_score_std"]
 

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from harness.metrics.features import EXTRACTORS, FeatureExtractor, Features, to_uint8
+
+if TYPE_CHECKING:  # torch-fidelity (and torchvision.models under it) loads only when Inception is used
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 ResizeMode = Literal["legacy_tensorflow", "clean", "legacy_pytorch"]
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -46,6 +49,8 @@ def weights_cache_dir() -> Path:
 
 def resolve_weights(weights: str | Path | None, download: bool = True) -> Path:
     """The InceptionV3 weights file: the given path, the hub cache, or a fresh download."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
     target = weights_cache_dir() / WEIGHTS_FILE
     how = (f"place torch-fidelity's {WEIGHTS_FILE} (from {URL_INCEPTION_V3}) at {target}, or set "
            f"eval.inception_weights=/path/to/{WEIGHTS_FILE} (pytorch-fid's {PYTORCH_FID_WEIGHTS_FILE} also works)")
@@ -68,13 +73,18 @@ def resolve_weights(weights: str | Path | None, download: bool = True) -> Path:
     raise FileNotFoundError(f"InceptionV3 FID weights not found; {how}")
 
 
-class _TorchFidelityInception(FeatureExtractorInceptionV3):
+@cache
+def _network_class() -> type[FeatureExtractorInceptionV3]:
     """torch-fidelity's network with its own weight loading turned into a no-op placeholder."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> Any:
-        if not state_dict:  # the placeholder its constructor loads; real weights come after
-            return None
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    class _TorchFidelityInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False) -> Any:
+            if not state_dict:  # the placeholder its constructor loads; real weights come after
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return _TorchFidelityInception
 
 
 def build_network(state_dict: dict[str, torch.Tensor] | None, seed: int = 0) -> FeatureExtractorInceptionV3:
@@ -88,8 +98,7 @@ def build_network(state_dict: dict[str, torch.Tensor] | None, seed: int = 0) -> 
     placeholder.seek(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _TorchFidelityInception("inception-v3-compat", [POOLED, LOGITS],
-                                      feature_extractor_weights_path=placeholder)
+        net = _network_class()("inception-v3-compat", [POOLED, LOGITS], feature_extractor_weights_path=placeholder)
         if state_dict is None:
             for m in net.modules():
                 if isinstance(m, nn.Conv2d):

@@ -27,15 +27,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from harness.artifacts import ArtifactCache, tensors_fingerprint
+
+if TYPE_CHECKING:  # transformers (CLIP) loads only with a text pipeline; a resumed run never needs it
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 log = logging.getLogger(__name__)
 ID_CHUNK = 1000  # ids are drawn per chunk of sample indices, so a shard draws exactly its own slice

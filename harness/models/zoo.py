@@ -46,7 +46,6 @@ from typing import Any, NoReturn
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from harness.models.base import DiffusionModel
 from harness.models.conditions import ClassContext, ClassEmbedder, PromptEmbeddings
@@ -423,6 +422,8 @@ def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
 
 def _load_part(cls: Any, cfg: Mapping, sub: str, why: str) -> Any:
     """A pipeline part from the local folder (strict) or the hub id's subfolder."""
+    from transformers import CLIPTextModel, CLIPTokenizer  # here: only text pipelines load transformers' CLIP
+
     root = _weights_root(cfg)
     if root is not None:
         folder = _part_dir(root, sub, why)
@@ -505,6 +506,8 @@ def _arch_differences(net: ModelMixin, cfg: Mapping) -> dict[str, dict[str, Any]
 def _load_prompt_encoder(cfg: Mapping, source: str) -> PromptEmbeddings | None:
     if not cfg.get("text_encoder") or cfg.get("init", "pretrained") == "random":
         return None
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     why = f"model.text_encoder={cfg['text_encoder']}"
     encoder = _load_part(CLIPTextModel, cfg, "text_encoder", why).eval()
     tokenizer = _load_part(CLIPTokenizer, cfg, "tokenizer", why)
