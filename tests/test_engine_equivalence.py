@@ -76,7 +76,7 @@ def test_unsorted_reservoir_keeps_the_same_elements(monkeypatch: pytest.MonkeyPa
     assert torch.equal(fast.sort().values, sorted_.sort().values)
 
 
-def _reconstruct(spec: QuantSpec, cfg: ReconConfig, acts: bool, reference: bool,
+def _reconstruct(spec: QuantSpec, cfg: ReconConfig, acts: bool | str, reference: bool,
                  monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     """A whole reconstruction of the tiny UNet; `reference`: the pre-issue-15 paths."""
     with monkeypatch.context() as m:
@@ -89,8 +89,8 @@ def _reconstruct(spec: QuantSpec, cfg: ReconConfig, acts: bool, reference: bool,
         q = fp.with_net(copy.deepcopy(fp.net))
         quantize_layers(q.net, spec, ("conv_in",))
         _LAYERS[:] = [layer for _, layer in quant_layers(q.net)]
-        if acts:
-            calibrate_activations(q, calib, batch_size=8)
+        if acts:  # "fsc": per-timestep ranges everywhere, so batches hold one timestep each
+            calibrate_activations(q, calib, batch_size=8, per_timestep=acts == "fsc")
         else:
             set_act_mode(q.net, "off")
         stats = reconstruct_model(q, fp, calib, cfg)
@@ -105,8 +105,9 @@ def _reconstruct(spec: QuantSpec, cfg: ReconConfig, acts: bool, reference: bool,
     (True, ReconConfig(iters=8, batch_size=4, capture_batch_size=4, learn_weights=False, learn_act_scale=True,
                        fp_inputs=True, act_lr=4e-4)),  # its step-size pass (FP block inputs)
     (True, ReconConfig(iters=8, batch_size=4, capture_batch_size=4, learn_act_scale=True, qdrop_prob=0.5)),  # PTQ4DM
+    ("fsc", ReconConfig(iters=8, batch_size=4, capture_batch_size=4, fp_inputs=True)),  # per-timestep batches
 ])
-def test_reconstruction_is_bit_identical_to_the_reference_paths(acts: bool, cfg: ReconConfig,
+def test_reconstruction_is_bit_identical_to_the_reference_paths(acts: bool | str, cfg: ReconConfig,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     spec = QuantSpec(4, 8 if acts else None)
     fast = _reconstruct(spec, cfg, acts, reference=False, monkeypatch=monkeypatch)
