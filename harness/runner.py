@@ -271,7 +271,7 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path,
             record.report["calibration_data"] = {"trajectories": refs.calibration_trajectories(need),
                                                  "rows": len(calib), "rows_per_step_requested": need}
     with phase("quantize", "Quantizing with <%s> (%s, recipe=%s)", rc.method["name"], rc.bits_tag, rc.recipe):
-        result = method.quantize(model, calib, spec)
+        result = method.quantize(model, calib, spec, footprint_batch=e.batch_size)  # + the model's own bytes
     with phase("backend", "Preparing backend <%s>", rc.backend["name"]):
         backend = BACKENDS.get(rc.backend["name"])(rc.backend)
         exe = backend.prepare(result.model, spec)
@@ -290,6 +290,7 @@ def execute(rc: RunConfig, record: RunRecord, out_dir: Path,
         if features_dir is not None and (features_dir / FEATURES_FILE).is_file():
             record.artifacts["eval_features"] = str(features_dir / FEATURES_FILE)
     record.metrics["calib_seconds"] = result.report.calib_seconds
+    record.metrics.update(result.report.footprint)  # weights at their bit-width, activation peak: not the process RSS
     cache = result.report.details.get("cache")
     if isinstance(cache, dict) and "cache_bytes" in cache:  # TFMQ's cached temporal features
         record.metrics["cache_bytes"] = cache["cache_bytes"]
