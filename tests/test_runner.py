@@ -36,7 +36,8 @@ def test_run_records_metrics_curves_and_fp_reference(tmp_path: Path) -> None:
     records = ResultsStore(tmp_path / "store").records()
     fp = next(r for r in records if r.method == "fp")  # the model's own footprint, not the process RSS
     assert 0 < rec.metrics["model_weight_bytes"] < fp.metrics["model_weight_bytes"]
-    assert rec.metrics["activation_peak_bytes"] > 0 and rec.metrics["footprint_batch_size"] == rec.config["eval"]["batch_size"]
+    assert rec.metrics["activation_peak_bytes"] > 0
+    assert rec.metrics["footprint_batch_size"] == rec.config["eval"]["batch_size"]
     methods = sorted((r.method, r.bits) for r in records)
     assert methods == [("fp", "w32a32"), ("rtn", "w8a8")], "the FP reference row is recorded too"
     fp = next(r for r in records if r.method == "fp")
