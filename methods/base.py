@@ -17,7 +17,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from harness.calibration import CalibData
-from harness.metrics.latency import weight_bytes
 from harness.models.base import DiffusionModel, denoise
 from harness.registry import Registry
 from methods.engine.modules import QuantSpec
@@ -80,6 +79,9 @@ def model_footprint(model: DiffusionModel, batch_size: int, timestep: int) -> di
     calibration data and the FP copy): weights stored at their bit-width (packed quantized weights
     with their grids, everything else fp32; harness.metrics.latency.weight_bytes) and the activation
     peak of one denoiser call at the eval batch."""
+    # imported here: harness.metrics.latency imports methods.engine, whose package imports this module
+    from harness.metrics.latency import weight_bytes
+
     return {"model_weight_bytes": weight_bytes(model.net),
             "activation_peak_bytes": activation_peak_bytes(model, batch_size, timestep),
             "footprint_batch_size": batch_size}
