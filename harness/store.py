@@ -139,8 +139,11 @@ _FIELD_NAMES = frozenset(f.name for f in fields(RunRecord))
 
 
 def record_checksum(data: dict[str, Any]) -> str:
-    """sha256 of the record's canonical JSON (sorted keys, no whitespace) without the checksum itself."""
-    body = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
+    """sha256 of the record's canonical JSON (sorted keys, no whitespace) without the checksum itself.
+
+    The body goes through JSON once first, so the writer hashes what a reader will parse: a dict
+    with int keys (e.g. per-timestep counts) sorts 2 < 10 as ints but "10" < "2" once written."""
+    body = json.loads(json.dumps({k: v for k, v in data.items() if k != CHECKSUM_KEY}))
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

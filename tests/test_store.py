@@ -43,6 +43,16 @@ def test_record_round_trips_through_json() -> None:
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$", rec.created), "ISO UTC"
 
 
+def test_int_keyed_reports_keep_their_checksum_through_the_store(tmp_path: Path) -> None:
+    """A report dict keyed by ints (e.g. PTQ4DM's rows per timestep) sorts 2 < 10 in Python but
+    "10" < "2" once written: the seal must be computed on what a reader parses."""
+    rec = _record(report={"rows_per_timestep": {t: t for t in (2, 10, 999, 20)}})
+    store = ResultsStore(tmp_path)
+    store.write(rec)
+    back = store.get(rec.run_id)
+    assert back is not None and back.report["rows_per_timestep"] == {str(t): t for t in (2, 10, 999, 20)}
+
+
 @pytest.mark.parametrize("version", [2, None, "1"])
 def test_unknown_schema_version_is_refused(version) -> None:
     data = _record().to_dict()
