@@ -227,9 +227,13 @@ def test_torchrun_error_on_one_rank_is_raised_on_every_rank(tmp_path: Path) -> N
         "try:\n"
         "    distributed._shards(lambda: 1 / (distributed.rank() - 1))\n"  # rank 1 divides by zero
         "except ZeroDivisionError:\n"
-        "    print(f'rank {distributed.rank()} raised; rank 0 decided {distributed.from_main(distributed.rank())}')\n")
+        # one write per line: both ranks share the pipe, and print's text and newline could interleave
+        "    import sys\n"
+        "    decided = distributed.from_main(distributed.rank())\n"
+        "    sys.stdout.write(f'rank {distributed.rank()} raised; rank 0 decided {decided}\\n')\n"
+        "    sys.stdout.flush()\n")
     proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                  "127.0.0.1", "--master_port", str(30500 + os.getpid() % 1000), str(script)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(line for line in proc.stdout.splitlines() if "raised" in line) == [
-        "rank 0 raised; rank 0 decided 0", "rank 1 raised; rank 0 decided 0"]
+    for line in ("rank 0 raised; rank 0 decided 0", "rank 1 raised; rank 0 decided 0"):
+        assert proc.stdout.count(line) == 1, proc.stdout
