@@ -48,7 +48,8 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in blocks (artifacts, prompt files, checkpoints)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -89,7 +90,7 @@ class ArtifactCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("sha256") != _file_sha256(path):
+            if meta.get("sha256") != file_sha256(path):
                 log.warning("artifact %s fails its checksum (truncated or corrupted); rebuilding", path)
                 return None
             return load_file(str(path))
@@ -101,7 +102,7 @@ class ArtifactCache:
         path = self.path(kind, deps)
         flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _atomic_write_bytes(path, lambda tmp: save_file(flat, str(tmp)))
-        meta = {"kind": kind, "deps": deps, "sha256": _file_sha256(path), "keys": sorted(flat)}
+        meta = {"kind": kind, "deps": deps, "sha256": file_sha256(path), "keys": sorted(flat)}
         _atomic_write_bytes(path.with_suffix(".json"),
                             lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
         return path

@@ -316,7 +316,7 @@ def verify_store(root: Path, stale_after: float) -> tuple[list[Finding], dict[st
 
 def verify_artifacts(root: Path, stale_after: float) -> tuple[list[Finding], int]:
     """Check every cached artifact against the sha256 in its sidecar; sidecars without data files."""
-    from harness.artifacts import _file_sha256  # torch is only needed here
+    from harness.artifacts import file_sha256  # torch is only needed here
 
     findings: list[Finding] = []
     checked = 0
@@ -330,7 +330,7 @@ def verify_artifacts(root: Path, stale_after: float) -> tuple[list[Finding], int
         except (OSError, ValueError, AttributeError) as err:
             findings.append(Finding(data, f"sidecar {sidecar.name} missing or unreadable ({err})"))
             continue
-        if expected != _file_sha256(data):
+        if expected != file_sha256(data):
             findings.append(Finding(data, "sha256 does not match its sidecar (truncated or corrupted; the next "
                                           "run that needs it rebuilds it)"))
     findings += [Finding(s, "sidecar without its data file") for s in sorted(root.rglob("*.json"))

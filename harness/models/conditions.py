@@ -34,7 +34,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from harness.artifacts import ArtifactCache, tensors_fingerprint
+from harness.artifacts import ArtifactCache, file_sha256, tensors_fingerprint
 
 if TYPE_CHECKING:  # transformers (CLIP) loads only with a text pipeline; a resumed run never needs it
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -208,18 +208,10 @@ def read_prompts(path: str | Path, column: str = "caption") -> list[str]:
     return prompts
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def prompts_fingerprint(path: str | Path) -> str:
     """Content hash of a prompt file for run identities (an edited file is a new run); cheap to recompute."""
     path = Path(path).expanduser()
-    return _file_sha256(path) if path.is_file() else f"missing:{path}"  # loading fails later, explained
+    return file_sha256(path)[:16] if path.is_file() else f"missing:{path}"  # loading fails later, explained
 
 
 @dataclass(eq=False, repr=False)
@@ -258,7 +250,7 @@ class PromptEmbeddings(ConditionSource):
         """Read the prompt file and encode it (and "") once, through the artifact cache."""
         path = Path(path).expanduser()
         self.prompts = read_prompts(path, column)
-        self.file_key = {"prompts_sha256": _file_sha256(path), "column": column, "n_prompts": len(self.prompts)}
+        self.file_key = {"prompts_sha256": file_sha256(path)[:16], "column": column, "n_prompts": len(self.prompts)}
         deps = {**self.file_key, "text_encoder": self.encoder_fingerprint(), "max_length": self.max_length}
 
         def build() -> dict[str, torch.Tensor]:

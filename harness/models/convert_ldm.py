@@ -27,7 +27,6 @@ unpickling runs code from the file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pickle
 from collections.abc import Mapping
@@ -42,6 +41,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
+from harness.artifacts import file_sha256
 from harness.models.conditions import ClassEmbedder
 
 UNET_PREFIX, VQ_PREFIX, COND_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
@@ -174,14 +174,6 @@ def _check_schedule(state: Mapping[str, torch.Tensor], sched: DDIMScheduler) -> 
                               "(linear_start / linear_end / timesteps): wrong --config for this --ckpt?")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert(ckpt: str | Path, config: str | Path, out: str | Path, extract_ema: bool = False) -> Path:
     """Write the pipeline folder for `ckpt` (described by the LDM yaml `config`) to `out`; returns `out`."""
     ckpt, out = Path(ckpt), Path(out)
@@ -222,7 +214,7 @@ def convert(ckpt: str | Path, config: str | Path, out: str | Path, extract_ema: 
     for sub, part in (("unet", unet), ("vqvae", vq), ("class_embedder", embedder)):
         part.save_pretrained(out / sub, safe_serialization=True)
     sched.save_pretrained(out / "scheduler")
-    record = {"ckpt": ckpt.name, "bytes": ckpt.stat().st_size, "sha256": _sha256(ckpt), "config": str(config),
+    record = {"ckpt": ckpt.name, "bytes": ckpt.stat().st_size, "sha256": file_sha256(ckpt), "config": str(config),
               "extract_ema": extract_ema, "diffusers": diffusers.__version__}
     (out / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
