@@ -75,6 +75,18 @@ def timed_sweep(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def artifact_builds(artifacts: Path) -> str:
+    """How many shared artifacts of each kind were built (the cache's builds.log): under a parallel
+    launcher each one must still be built once."""
+    from harness.artifacts import BUILDS_LOG  # torch: only after the timed sweeps
+
+    log = Path(artifacts) / BUILDS_LOG
+    builds = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    kinds = [b["kind"] for b in builds]
+    per_kind = ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+    return f"{len(builds)} ({per_kind}; {len({b['path'] for b in builds})} distinct files)" if builds else "0"
+
+
 def time_calibration(tree: Path, method: str, overrides: list[str], threads: int) -> dict[str, Any]:
     """One `Method.quantize` of `method` with the code of `tree`, in a fresh process."""
     env = {**os.environ, "SWEEP_TIME_THREADS": str(threads), "TQDM_DISABLE": "1",
@@ -202,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r.method + '/' + r.bits + '/' + r.run_id[:8]:<34}{r.status:>10}"
                   f"{t.get('run_total', float('nan')):>10.1f}  {phases}")
         print(f"\nfrom scratch: {first:.1f} s ({first / 60:.1f} min); rerun, all resumed: {again:.1f} s")
+        print(f"artifact builds: {artifact_builds(artifacts)}")
         print(f"store: {store}")
 
 
