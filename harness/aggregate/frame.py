@@ -59,10 +59,11 @@ def finite_only(records: Sequence[RunRecord]) -> list[RunRecord]:
     return [r for r in records if all(r is not b for b in bad)]
 
 
-def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
+def records_frame(records: Sequence[RunRecord], dedupe: bool = True) -> pd.DataFrame:
     """Finished records with finite metrics as a DataFrame with axis columns as plain strings ('' = not
     set), `under_load` (whether the run's timings were measured under contention), `extractor` (the
-    feature network of its quality metrics) and `eval_samples` (how many samples they saw)."""
+    feature network of its quality metrics) and `eval_samples` (how many samples they saw). `dedupe`:
+    one record per axes and seed, as a table needs (harness.compare keeps runs that differ elsewhere)."""
     finished = [_derive(r) for r in finite_only([r for r in records if r.finished])]
     frame = records_to_dataframe(finished)
     frame["under_load"] = [bool(r.environment.get("under_load", False)) for r in finished]
@@ -73,7 +74,7 @@ def records_frame(records: Sequence[RunRecord]) -> pd.DataFrame:
     for axis in AXES:
         frame[axis] = frame[axis].astype(object).where(frame[axis].notna(), "").astype(str)
     frame.loc[frame["method"] == FP_METHOD, "bits"] = FP_BITS
-    return drop_duplicate_seeds(frame)
+    return drop_duplicate_seeds(frame) if dedupe else frame
 
 
 def drop_duplicate_seeds(frame: pd.DataFrame) -> pd.DataFrame:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from harness.metrics.uncertainty import paired_from_statistics, read_bootstrap
+from harness.metrics.uncertainty import Paired, paired_from_statistics, read_bootstrap
 
 ALPHA = 0.05
 EXACT_METRICS = frozenset({"weight_bytes", "fp32_weight_bytes", "cache_bytes"})
@@ -59,7 +59,9 @@ class Comparison:
     tests: tuple[str, ...]  # which tests contributed ("paired bootstrap", "CI", "seeds")
 
 
-def _paired_p(best: pd.DataFrame, other: pd.DataFrame, metric: str, evidence: Evidence) -> float | None:
+def paired_difference(best: pd.DataFrame, other: pd.DataFrame, metric: str, evidence: Evidence) -> Paired | None:
+    """mean(best) - mean(other) on `metric` with its paired-bootstrap interval and p-value, from the
+    statistics each run saved; None when a run has none or the two sides did not share resamples."""
     loaded = [evidence.bootstrap(r) for r in (*best["run_id"], *other["run_id"])]
     if any(x is None or metric not in x[1] for x in loaded):
         return None
@@ -70,9 +72,8 @@ def _paired_p(best: pd.DataFrame, other: pd.DataFrame, metric: str, evidence: Ev
     n, max_rows = int(meta["n"]), int(meta["max_rows"])
     boots = [x[1][metric] for x in loaded]
     k = len(best)
-    res = paired_from_statistics(list(best[metric]), boots[:k], list(other[metric]), boots[k:],
-                                 float(meta["level"]), math.sqrt(min(n, max_rows) / n))
-    return res.p_value
+    return paired_from_statistics(list(best[metric]), boots[:k], list(other[metric]), boots[k:],
+                                  float(meta["level"]), math.sqrt(min(n, max_rows) / n))
 
 
 def _ci_p(best: pd.DataFrame, other: pd.DataFrame, metric: str) -> float | None:
@@ -105,9 +106,9 @@ def compare(best: pd.DataFrame, other: pd.DataFrame, metric: str, evidence: Evid
     """Test `best` (the records of one row) against `other` on `metric`; see the module docstring."""
     best, other = best[best[metric].notna()], other[other[metric].notna()]
     found: dict[str, float] = {}
-    sample = _paired_p(best, other, metric, evidence) if evidence is not None else None
-    if sample is not None:
-        found["paired bootstrap"] = sample
+    paired = paired_difference(best, other, metric, evidence) if evidence is not None else None
+    if paired is not None:
+        found["paired bootstrap"] = paired.p_value
     elif (ci := _ci_p(best, other, metric)) is not None:
         found["CI"] = ci
     if (seeds := _seed_p(best, other, metric)) is not None:
