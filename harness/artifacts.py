@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.atomic import make_shareable, remove_stale_tmp
+from harness.atomic import file_sha256, make_shareable, remove_stale_tmp
 from harness.locks import hold
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,6 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file, read in blocks (artifacts, prompt files, checkpoints)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Path], None]) -> None:

@@ -1,4 +1,5 @@
-"""File hygiene shared by the results store and the artifact cache: permissions and stale temp files.
+"""File hygiene shared by the results store and the artifact cache: permissions, stale temp files and
+content hashes.
 
 Both write to a temp file from `tempfile.mkstemp` and rename it over the target. mkstemp creates
 files with mode 0600, which breaks a store shared by a group on a cluster, so a finished file gets
@@ -9,6 +10,7 @@ temp files older than a bound (young ones may belong to a writer that is still r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -80,3 +82,12 @@ def remove_stale_tmp(root: Path, max_age: float | None = None, recursive: bool =
         removed.append(path)
         log.info("removed stale temp file %s (%d bytes) left by an interrupted writer", path, size)
     return removed
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in blocks (artifacts, prompt files, checkpoints)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

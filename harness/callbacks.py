@@ -15,17 +15,17 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness.aggregate.cli import aggregate, load_frame, make_tables
-from harness.aggregate.console import print_table
-from harness.aggregate.frame import FP_METHOD
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from harness.store import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def note_outcome(ledger: Path | None, record: RunRecord, outcome: str) -> RunRecord:
+    """Append the run's outcome to the sweep's ledger (one short line: appends do not interleave)."""
+    if ledger is not None:
+        line = {"run_id": record.run_id, "outcome": outcome, "label": f"{record.model}/{record.method}/{record.bits}",
+                "error": (record.error or "").splitlines()[0][:300] if record.error else None}
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        with ledger.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+    return record
+
+
 def summary(entries: list[dict[str, Any]], where: Path) -> tuple[str, bool]:
     """The summary text (counts, then one line per failed run) and whether any run failed."""
     counts = {o: sum(e.get("outcome") == o for e in entries) for o in OUTCOMES}
@@ -78,6 +89,10 @@ def _report_and_exit(path: Path, store: Path | None = None) -> None:
 def sweep_rows(frame: pd.DataFrame, run_ids: set[str]) -> pd.DataFrame:
     """The sweep's runs (resumed ones included) and the FP reference of each (model, backend, sampler)
     they ran with: a resumed run never recomputes its FP reference, so the ledger does not name it."""
+    import pandas as pd  # here and below: the tables' imports (pandas, scipy, torch) only once a sweep ends
+
+    from harness.aggregate.frame import FP_METHOD
+
     keys = pd.Series(list(zip(frame["model"], frame["backend"], frame["sampler"], strict=True)), index=frame.index)
     ours = frame["run_id"].isin(run_ids)
     return frame[ours | ((frame["method"] == FP_METHOD) & keys.isin(set(keys[ours])))]
@@ -86,6 +101,9 @@ def sweep_rows(frame: pd.DataFrame, run_ids: set[str]) -> pd.DataFrame:
 def print_sweep_tables(store: Path, run_ids: set[str]) -> None:
     """The quality (and ablation) table of this sweep's runs and their FP references: what the sweep
     measured, on the console, with the same cells and marks as quality.md."""
+    from harness.aggregate.cli import load_frame, make_tables
+    from harness.aggregate.console import print_table
+
     try:
         _, frame, evidence = load_frame(store)
         tables = make_tables(sweep_rows(frame, run_ids), evidence, kinds=SWEEP_TABLES)
@@ -112,9 +130,14 @@ class AggregateTables(Callback):
         ledger_path(config.hydra).unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from harness.aggregate.cli import STAMP_FILE, aggregate
+
         store = Path(config.paths.store)
+        out = store.parent / "tables"
         try:
-            written = aggregate(store, store.parent / "tables")
+            written = aggregate(store, out, skip_unchanged=True)
+            if not written and (out / STAMP_FILE).is_file():
+                print(f"tables: {out} (up to date: the store has not changed since they were written)", flush=True)
         except Exception as err:  # noqa: BLE001 - tables are a convenience, the store is the result
             log.warning("could not regenerate tables from %s: %s", store, err)
             written = []

@@ -8,7 +8,6 @@ skipped (resume) unless `force=true`, and a failed rerun never replaces a finish
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -26,14 +25,16 @@ import methods
 from harness import distributed
 from harness.artifacts import ArtifactCache
 from harness.backends import BACKENDS
+from harness.callbacks import note_outcome
 from harness.config import RunConfig
 from harness.environment import collect_environment, machine_load, under_load
 from harness.evaluate import evaluate, save_grid
 from harness.finite import NonFiniteError
+from harness.identity import run_identity
 from harness.locks import hold
 from harness.metrics.uncertainty import FEATURES_FILE
-from harness.models.conditions import bind_prompts, prompts_fingerprint
-from harness.models.zoo import check_model_config, load_model, weights_fingerprint
+from harness.models.conditions import bind_prompts
+from harness.models.zoo import check_model_config, load_model
 from harness.references import References
 from harness.run_id import run_id
 from harness.sampling import schedule_timesteps
@@ -43,22 +44,6 @@ from methods.engine.modules import QuantSpec
 from methods.settings import check_settings
 
 log = logging.getLogger("harness")
-
-
-def identity_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The config that defines a run's identity: an FP run does not depend on `bits`; every run
-    depends on the content of the weights (retrained or replaced weights never resume old records)."""
-    ident = {k: v for k, v in raw.items() if k != "fp_reference"}
-    ident["model"] = {**raw["model"], "weights_sha256": weights_fingerprint(raw["model"])}
-    if (raw.get("eval") or {}).get("prompts"):  # the prompts' content, not only their path
-        ident["eval"] = {**raw["eval"], "prompts_sha256": prompts_fingerprint(raw["eval"]["prompts"])}
-    if raw["method"].get("name") == "fp":
-        ident["bits"] = {"weight_bits": 32, "act_bits": 32}
-        ident["method"] = {"name": "fp"}
-        ident.pop("recipe", None)
-        ident.pop("calibration", None)
-        ident.pop("seed", None)
-    return ident
 
 
 def validate(cfg: DictConfig | Mapping) -> tuple[RunConfig, dict[str, Any]]:
@@ -119,18 +104,18 @@ def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None
     try:
         rc, raw = validate(cfg)
         stage = "run id"
-        rid = run_id(identity_config(raw))
+        rid = run_id(run_identity(raw))
         stage = "logger"
         sink = make_sink(rc.logger if distributed.is_main() else None, group=group)  # fails here, before any work
     except Exception as err:  # noqa: BLE001 - recorded as failed; the sweep goes on
         log.error("%s: %s: %s", stage, type(err).__name__, err)
-        return _note(ledger, _record_invalid(cfg, err, stage), "failed")
+        return note_outcome(ledger, _record_invalid(cfg, err, stage), "failed")
     store = distributed.main_writes(ResultsStore(Path(rc.paths["store"])))  # torchrun: rank 0 writes
     label = f"{rc.model['name']}/{rc.method['name']}/{rc.bits_tag}/{rc.backend['name']}"
     stored = None if rc.force else store.get(rid)
     if distributed.from_main(stored is not None and stored.finished):  # all ranks follow rank 0
         log.info("%s: finished record %s in %s; skipping (force=true reruns)", label, rid, store.root)
-        return _note(ledger, stored or store.get(rid), "resumed")
+        return note_outcome(ledger, stored or store.get(rid), "resumed")
     variant = rc.method.get("variant")
     if variant == methods.METHODS.get(rc.method["name"]).full_variant:
         variant = None
@@ -169,23 +154,12 @@ def run(cfg: DictConfig | Mapping, group: str | None = None, ledger: Path | None
     finally:
         sink.finish()
     log.info("%s", headline(record, store.path(rid), sink.location))
-    _note(ledger, record, record.status)
+    note_outcome(ledger, record, record.status)
     if raw.get("fp_reference", True) and not rc.is_fp and record.finished:
         fp_raw = fp_reference_config(raw)  # parallel jobs share it: one computes it, the others wait and resume it
-        with hold(store.root / ".locks" / f"{run_id(identity_config(fp_raw))}.lock",
+        with hold(store.root / ".locks" / f"{run_id(run_identity(fp_raw))}.lock",
                   rc.paths.get("lock_mode", "os"), "the FP reference run"):
             run(fp_raw, group=group, ledger=ledger)
-    return record
-
-
-def _note(ledger: Path | None, record: RunRecord, outcome: str) -> RunRecord:
-    """Append the run's outcome to the sweep's ledger (one short line: appends do not interleave)."""
-    if ledger is not None:
-        line = {"run_id": record.run_id, "outcome": outcome, "label": f"{record.model}/{record.method}/{record.bits}",
-                "error": (record.error or "").splitlines()[0][:300] if record.error else None}
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        with ledger.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
     return record
 
 

@@ -28,11 +28,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from harness.atomic import file_sha256, make_shareable, remove_stale_tmp, stale_tmp_files, stale_tmp_seconds
 
-from harness.atomic import make_shareable, remove_stale_tmp, stale_tmp_files, stale_tmp_seconds
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 KINDS = ("quality", "latency")
@@ -268,6 +269,8 @@ def records_to_dataframe(records: list[RunRecord]) -> pd.DataFrame:
     """One row per record: the scalar fields, then every metric as its own float column."""
     metric_cols = sorted({key for r in records for key in r.metrics})
     rows = [{**{c: getattr(r, c) for c in SCALAR_COLUMNS}, **r.metrics} for r in records]
+    import pandas as pd  # the tables' dependency; resuming a run reads records without it
+
     frame = pd.DataFrame(rows, columns=[*SCALAR_COLUMNS, *metric_cols])
     return frame.astype({"seed": "Int64", **{c: "float64" for c in metric_cols}})
 
@@ -316,8 +319,6 @@ def verify_store(root: Path, stale_after: float) -> tuple[list[Finding], dict[st
 
 def verify_artifacts(root: Path, stale_after: float) -> tuple[list[Finding], int]:
     """Check every cached artifact against the sha256 in its sidecar; sidecars without data files."""
-    from harness.artifacts import file_sha256  # torch is only needed here
-
     findings: list[Finding] = []
     checked = 0
     if not root.is_dir():

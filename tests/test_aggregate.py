@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from harness.aggregate.cli import main
+from harness.aggregate.cli import STAMP_FILE, aggregate, main
 from harness.aggregate.frame import filter_frame, records_frame
 from harness.aggregate.metric_info import metric_info
 from harness.aggregate.plots import curve_series, plot_temporal_error
@@ -306,7 +306,7 @@ def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, caps
         warnings.simplefilter("error")  # the CLI reports warnings itself
         assert main(["--store", str(store.root), "--out", str(out), "--format", "all"]) == 0
     printed = capsys.readouterr()
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != STAMP_FILE)
     assert names == sorted(f"{k}.{e}" for k in ("quality", "ablation", "latency") for e in ("md", "tex", "csv")) + [
         "temporal_feature_error.pdf", "temporal_feature_error.png"]
     assert all(f"wrote {out / n}" in printed.out for n in names)
@@ -315,7 +315,8 @@ def test_cli_writes_every_format_and_survives_corrupt_files(tmp_path: Path, caps
 
     assert main(["--store", str(store.root), "--out", str(tmp_path / "t2"), "--format", "md",
                  "--kind", "quality", "--bits", "w8a8", "--metrics", "fid"]) == 0
-    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == ["quality.md", "temporal_feature_error.pdf",
+    assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == [STAMP_FILE, "quality.md",
+                                                                   "temporal_feature_error.pdf",
                                                                    "temporal_feature_error.png"]
     assert "w4a8" not in (tmp_path / "t2" / "quality.md").read_text()
     assert main(["--store", str(store.root), "--out", str(out), "--format", "pdf"]) == 2
@@ -356,3 +357,20 @@ def test_sweep_ends_with_its_own_table_on_the_console(tmp_path: Path, capsys) ->
     assert "Cells: mean ± std over seeds" in out, "the notes say what ± means"
     print_sweep_tables(tmp_path / "missing", {"x"})
     assert capsys.readouterr().out == "", "nothing to print is not an error"
+
+
+def test_unchanged_inputs_skip_the_regeneration_and_any_change_redoes_it(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path / "store")
+    records = _records()
+    for rec in records:
+        store.write(rec)
+    out = tmp_path / "tables"
+    assert aggregate(store.root, out, skip_unchanged=True), "no tables yet: written"
+    (out / "quality.md").write_text("stale")
+    assert aggregate(store.root, out, skip_unchanged=True) == [], "same records, settings and code: nothing to do"
+    assert (out / "quality.md").read_text() == "stale"
+    assert aggregate(store.root, out, alpha=0.1, skip_unchanged=True), "other settings: regenerated"
+    assert aggregate(store.root, out, alpha=0.1, skip_unchanged=True) == []
+    store.write(replace(records[0], metrics={**records[0].metrics, "fid": 99.0}))
+    assert aggregate(store.root, out, alpha=0.1, skip_unchanged=True), "a changed record: regenerated"
+    assert aggregate(store.root, out), "without skip_unchanged (the CLI) it always writes"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.metrics import build_extractor
 from harness.metrics import fidelity as F
-from harness.metrics.features import Features, images_to_features
+from harness.metrics.features import Features, build_extractor, images_to_features
 from harness.metrics.inception import (
     PYTORCH_FID_WEIGHTS_FILE,
     WEIGHTS_FILE,

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from harness.datasets import load_mnist
-from harness.metrics import build_extractor
 from harness.metrics import fidelity as F
-from harness.metrics.features import images_to_features
+from harness.metrics.features import build_extractor, images_to_features
 from harness.metrics.lenet import LeNetExtractor
 
 torch.set_num_threads(1)

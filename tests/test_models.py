@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from omegaconf import OmegaConf
 
 from harness.models.base import DiffusionModel, denoise
-from harness.models.zoo import MODELS, WEIGHTS_DIR, check_model_config, load_model
+from harness.models.layout import WEIGHTS_DIR
+from harness.models.zoo import MODELS, check_model_config, load_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 YAMLS = sorted(CONF.glob("*.yaml"))
@@ -115,7 +116,7 @@ def test_a_pretrained_text_model_needs_its_text_encoder() -> None:
 @pytest.mark.parametrize("name", ["ldm_mnist", "dit_mnist"])
 def test_missing_shipped_latent_folders_say_how_to_train_them(name: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("harness.models.zoo.WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr("harness.models.layout.WEIGHTS_DIR", tmp_path)
     family = "unet" if name == "ldm_mnist" else "dit"
     cfg = {**cfg_of("ddpm_mnist"), "name": name, "weights": name, "family": family, "sample_shape": [4, 7, 7],
            "decoder": "vae", "image_shape": [1, 28, 28], "num_classes": None if family == "unet" else 10}

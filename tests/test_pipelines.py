@@ -19,13 +19,15 @@ from threadpoolctl import threadpool_limits
 from harness.artifacts import ArtifactCache
 from harness.calibration import CALIB_SEED_OFFSET
 from harness.config import SamplerConfig
+from harness.identity import run_identity
 from harness.metrics.features import build_extractor, images_to_features
 from harness.models.base import denoise
 from harness.models.conditions import bind_prompts, read_prompts
+from harness.models.layout import weights_fingerprint
 from harness.models.tiny import KINDS, SCHEDULER, UNET_CIN, build
-from harness.models.zoo import load_model, weights_fingerprint
+from harness.models.zoo import load_model
 from harness.run_id import run_id
-from harness.runner import identity_config, run
+from harness.runner import run
 from harness.sampling import sample
 from harness.store import ResultsStore
 
@@ -254,10 +256,10 @@ def test_an_edited_prompt_file_is_a_new_run(tmp_path: Path, pipelines: dict[str,
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     raw = OmegaConf.to_container(run_cfg(tmp_path, "t2i", pipelines["t2i"], prompts, "fp"), resolve=True)
-    first = run_id(identity_config(raw))
-    assert run_id(identity_config(raw)) == first
+    first = run_id(run_identity(raw))
+    assert run_id(run_identity(raw)) == first
     prompts.write_text("a dog\n")
-    assert run_id(identity_config(raw)) != first, "same path, other prompts: never a stale resume"
+    assert run_id(run_identity(raw)) != first, "same path, other prompts: never a stale resume"
 
 
 @torch.no_grad()

@@ -148,3 +148,27 @@ def test_sweep_summary_counts_resumed_and_failed_runs(tmp_path: Path) -> None:
     text, failed = summary(read_ledger(ledger), ledger)
     assert failed and text.startswith("summary: 3 runs: 1 finished, 1 failed, 1 resumed")
     assert "FAILED" in text and "<method.calib_rows=abc> must be an integer >= 1" in text
+
+
+def test_a_resumed_sweep_never_imports_the_engine(tmp_path: Path) -> None:
+    """run.py looks the finished record up (harness.identity) before importing the runner: resuming a
+    whole sweep, tables and console summary included, loads neither torch nor diffusers."""
+    import subprocess
+    import sys
+
+    overrides = ["model=tiny_unet", "eval=smoke", "logger=none", "sampler.steps=4", "calibration.n_samples=4",
+                 f"paths.store={tmp_path / 'store'}", f"paths.artifacts={tmp_path / 'artifacts'}",
+                 f"paths.outputs={tmp_path / 'out'}"]
+    for method in ("fp", "rtn"):
+        assert run(_cfg(tmp_path, f"method={method}", "bits=w8a8")).status == "finished"
+    root = Path(CONF).parent
+    cmd = [sys.executable, "-X", "importtime", str(root / "run.py"), "-m", "method=fp,rtn", "bits=w8a8", *overrides,
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    for tables in ("table: ", "up to date"):  # the first writes the tables, the second finds them current
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "2 resumed" in done.stdout and tables in done.stdout
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                    if line.startswith("import time")}
+        assert "harness.store" in imported, "importtime output was read"
+        assert not {"torch", "diffusers", "harness.runner"} & imported

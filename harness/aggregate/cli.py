@@ -7,6 +7,7 @@ e.g. after a sweep (`aggregate()` is what a Hydra `on_multirun_end` callback wou
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from harness.store import ResultsStore, RunRecord
 
 FORMATS = ("latex", "md", "csv")
 PLOT_FILE = "temporal_feature_error.png"
+STAMP_FILE = ".inputs.sha256"  # what the tables in a folder were made from (see `inputs_fingerprint`)
 
 
 def _csv_list(text: str | None) -> list[str]:
@@ -43,6 +45,19 @@ def feature_files(store: Path, records: Sequence[RunRecord]) -> dict[str, Path]:
     return out
 
 
+def inputs_fingerprint(store: Path, settings: Sequence[object]) -> str:
+    """A hash of everything the tables depend on: the store's record files, the names and sizes of the
+    saved features, the aggregation settings and this package's code. Equal hashes mean the tables
+    already written are what a regeneration would write, so a resumed sweep skips the work."""
+    h = hashlib.sha256(repr(list(settings)).encode())
+    files = [*sorted(store.glob("*.json")), *sorted(Path(__file__).parent.glob("*.py"))]
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted((store / "features").glob("*.safetensors")):
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return h.hexdigest()
+
+
 def load_frame(store: Path, model: Sequence[str] = (), bits: Sequence[str] = (),
                method: Sequence[str] = ()) -> tuple[list[RunRecord], pd.DataFrame, Evidence]:
     """The store's records, their filtered table frame and the runs' saved bootstrap evidence."""
@@ -60,14 +75,19 @@ def make_tables(frame: pd.DataFrame, evidence: Evidence, kinds: Sequence[str] = 
 
 def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics: Sequence[str] = (),
               kinds: Sequence[str] = tuple(LAYOUTS), model: Sequence[str] = (), bits: Sequence[str] = (),
-              method: Sequence[str] = (), paper: Path | None = None, alpha: float = ALPHA) -> list[Path]:
+              method: Sequence[str] = (), paper: Path | None = None, alpha: float = ALPHA,
+              skip_unchanged: bool = False) -> list[Path]:
     """Write <out>/<kind>.<ext> for every kind with records, and the TFE figure (PNG and PDF); with `paper`
     (a folder of published numbers, results/paper), also <out>/paper.<ext>: those numbers beside the
     measured rows. `alpha` is the level of the significance marks (paired tests read each run's saved
-    features)."""
+    features). `skip_unchanged`: write nothing (and return []) when <out> holds the tables of exactly
+    these inputs (the end of a sweep that resumed every run)."""
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
+    stamp = inputs_fingerprint(store, [formats, metrics, kinds, model, bits, method, paper, alpha])
+    if skip_unchanged and (out / STAMP_FILE).is_file() and (out / STAMP_FILE).read_text().strip() == stamp:
+        return []
     records, frame, evidence = load_frame(store, model, bits, method)
     tables = make_tables(frame, evidence, kinds, metrics, alpha)
     if paper is not None:
@@ -84,6 +104,10 @@ def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics:
         kept = set(frame["run_id"])
         plot = plot_temporal_error([r for r in records if r.run_id in kept], out / PLOT_FILE)
         written += [plot, plot.with_suffix(".pdf")] if plot else []
+    if written:
+        (out / STAMP_FILE).write_text(stamp + "\n", encoding="utf-8")
+    else:
+        (out / STAMP_FILE).unlink(missing_ok=True)  # the stamp only ever vouches for tables that exist
     return written
 
 

@@ -112,3 +112,7 @@ EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extrac
 def build_extractor(name: str, **options: Any) -> FeatureExtractor:
     """The extractor registered as `name` (lenet, inception), built with its options."""
     return EXTRACTORS.get(name)(**options)
+
+
+# The built-in extractors register themselves when imported (EXTRACTORS exists by now).
+from harness.metrics import inception, lenet  # noqa: E402, F401  isort: skip

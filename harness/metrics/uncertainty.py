@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 RESAMPLES = 200
 LEVEL = 0.95
@@ -123,20 +122,20 @@ class SampleSet:
              boot: Mapping[str, np.ndarray] | None = None) -> Path:
         """safetensors: arrays as float32 (reference moments and `boot`, the bootstrap statistics,
         float64), `meta` as string metadata."""
-        tensors = {f"boot.{k}": torch.from_numpy(np.asarray(v, np.float64)) for k, v in (boot or {}).items()}
-        tensors |= {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), dtype=np.float32))
-                   for k in ("pooled", "spatial", "logits", "psnr", "correct", "confident")
-                   if getattr(self, k) is not None}
+        tensors = {f"boot.{k}": np.ascontiguousarray(v, np.float64) for k, v in (boot or {}).items()}
+        tensors |= {k: np.ascontiguousarray(getattr(self, k), dtype=np.float32)
+                    for k in ("pooled", "spatial", "logits", "psnr", "correct", "confident")
+                    if getattr(self, k) is not None}
         for k, v in self.reference.items():
             dtype = np.float64 if k.endswith(("_mu", "_sigma")) else np.float32
-            tensors[f"reference.{k}"] = torch.from_numpy(np.ascontiguousarray(v, dtype=dtype))
+            tensors[f"reference.{k}"] = np.ascontiguousarray(v, dtype=dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={k: str(v) for k, v in (meta or {}).items()})
         return path
 
     @classmethod
     def load(cls, path: Path) -> SampleSet:
-        t = {k: v.numpy().astype(np.float64) for k, v in load_file(str(path)).items() if not k.startswith("boot.")}
+        t = {k: v.astype(np.float64) for k, v in load_file(str(path)).items() if not k.startswith("boot.")}
         ref = {k.removeprefix("reference."): v for k, v in t.items() if k.startswith("reference.")}
         return cls(**{k: t.get(k) for k in ("pooled", "spatial", "logits", "psnr", "correct", "confident")},
                    reference=ref)
@@ -144,8 +143,8 @@ class SampleSet:
 
 def read_bootstrap(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """(string metadata, {metric: bootstrap statistics}) saved with a SampleSet; reads nothing else."""
-    with safe_open(str(path), framework="pt") as f:
-        boot = {k.removeprefix("boot."): f.get_tensor(k).numpy() for k in f.keys() if k.startswith("boot.")}  # noqa: SIM118
+    with safe_open(str(path), framework="numpy") as f:
+        boot = {k.removeprefix("boot."): f.get_tensor(k) for k in f.keys() if k.startswith("boot.")}  # noqa: SIM118
         return dict(f.metadata() or {}), boot
 
 
@@ -169,6 +168,8 @@ def weighted_fid(x: np.ndarray, w: np.ndarray, mu_ref: np.ndarray, sigma_ref: np
     n, d = x.shape
     if n < d:
         return _weighted_fid_gram(x, w, mu, total, mu_ref, sigma_ref)
+    import torch  # only when computing: reading saved statistics (the tables) never needs torch
+
     xt = torch.from_numpy(x)
     # Both the weighted rows (n*d) and each resample's covariance (d*d) count: 2048-d Inception
     # features at 200 resamples per chunk would be 6.7 GB of covariances alone.

@@ -34,7 +34,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from harness.artifacts import ArtifactCache, file_sha256, tensors_fingerprint
+from harness.artifacts import ArtifactCache, tensors_fingerprint
+from harness.atomic import file_sha256
 
 if TYPE_CHECKING:  # transformers (CLIP) loads only with a text pipeline; a resumed run never needs it
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -206,12 +207,6 @@ def read_prompts(path: str | Path, column: str = "caption") -> list[str]:
     if not prompts:
         raise ValueError(f"eval.prompts={str(path)!r} holds no prompts")
     return prompts
-
-
-def prompts_fingerprint(path: str | Path) -> str:
-    """Content hash of a prompt file for run identities (an edited file is a new run); cheap to recompute."""
-    path = Path(path).expanduser()
-    return file_sha256(path)[:16] if path.is_file() else f"missing:{path}"  # loading fails later, explained
 
 
 @dataclass(eq=False, repr=False)

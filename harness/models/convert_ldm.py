@@ -41,7 +41,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
-from harness.artifacts import file_sha256
+from harness.atomic import file_sha256
 from harness.models.conditions import ClassEmbedder
 
 UNET_PREFIX, VQ_PREFIX, COND_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."

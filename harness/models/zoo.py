@@ -33,13 +33,11 @@ plus its branch in harness/models/base.py:denoise.
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import inspect
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -50,6 +48,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from harness.models.base import DiffusionModel
 from harness.models.conditions import ClassContext, ClassEmbedder, PromptEmbeddings
 from harness.models.decoder import DECODER_CLASSES, Decoder
+from harness.models.layout import (
+    HOW_TO_PROVIDE,
+    local_layout,
+    plain,
+    weights_root,
+)
 from harness.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,6 @@ MODELS.register("unet")(UNet2DModel)
 MODELS.register("unet_text")(UNet2DConditionModel)
 MODELS.register("dit")(DiTTransformer2DModel)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUILTIN_WEIGHTS = ("ddpm_mnist", "ddpm_mnist_cond", "ldm_mnist", "dit_mnist")
 # How to train each shipped folder (named in the error when the folder is missing).
 _LATENT = "python -m harness.models.train_latent --stage"
@@ -67,8 +70,6 @@ TRAIN_COMMAND = {"ddpm_mnist": "python -m harness.models.train --name ddpm_mnist
                  "ldm_mnist": f"{_LATENT} vae && {_LATENT} ldm", "dit_mnist": f"{_LATENT} vae && {_LATENT} dit"}
 DATASETS = ("mnist",)
 INITS = ("pretrained", "random")
-# Sub-folder of a diffusers pipeline folder that holds the denoiser, per family.
-PIPELINE_SUBFOLDER = {"unet": "unet", "unet_text": "unet", "dit": "transformer"}
 # facebook/DiT-XL-2-256 predates DiTTransformer2DModel: its config.json names the generic class.
 LEGACY_CLASS_NAMES = {"dit": ("Transformer2DModel",)}
 DECODERS = tuple(DECODER_CLASSES)
@@ -77,17 +78,6 @@ CLASS_EMBEDDERS = ("ldm",)  # ldm: CompVis's ClassEmbedder (nn.Embedding(num_cla
 KEYS = ("name", "family", "sample_shape", "num_classes", "cond_shape", "guidance_scale", "dataset",
         "init", "path", "weights", "hub_id", "subfolder", "local_files_only", "arch", "seed", "scheduler",
         "decoder", "image_shape", "text_encoder", "class_embedder", "decoder_scaling_factor")
-HOW_TO_PROVIDE = ("provide the weights as a local diffusers folder: model.path=/path/to/folder "
-                  "(or run with network access to the Hugging Face hub)")
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers (or any mapping/sequence) -> plain dicts and lists, checked and fed to diffusers."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, Sequence) and not isinstance(obj, str):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _fail(key: str, value: Any, accepted: str) -> NoReturn:
@@ -229,7 +219,7 @@ def _check_source(cfg: Mapping) -> None:
 
 def check_model_config(cfg: Mapping) -> None:
     """Validate a resolved `model` config group without loading anything; ValueError names the key."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     _check_keys(cfg)
     family = cfg["family"]
     if family not in MODELS:
@@ -250,24 +240,6 @@ def _random_net(cfg: Mapping, cls: type[ModelMixin]) -> ModelMixin:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.get("seed", 0))
         return cls(**cfg["arch"])
-
-
-def _local_layout(root: Path, family: str, subfolder: str | None) -> tuple[Path, Path | None]:
-    """(folder of the denoiser's config.json, scheduler_config.json or None) of a local folder."""
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"model.path={str(root)!r} does not exist or is not a folder; expected a local diffusers folder "
-            f"(config.json + diffusion_pytorch_model.safetensors, or a pipeline folder with "
-            f"{PIPELINE_SUBFOLDER[family]}/ and scheduler/)")
-    sub = subfolder or PIPELINE_SUBFOLDER[family]
-    net_dir = root / sub if (root / sub / "config.json").is_file() else root
-    if not (net_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {root / sub} nor in {root}: the folder lacks {sub}/ (the "
-                                f"denoiser); {HOW_TO_PROVIDE}")
-    for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
-        if cand.is_file():
-            return net_dir, cand
-    return net_dir, None
 
 
 def _strict(loaded: tuple[Any, dict], what: str) -> Any:
@@ -298,7 +270,7 @@ def _check_class_name(config_file: Path, expected: tuple[str, ...], key: str) ->
 
 
 def _from_folder(root: Path, cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str]:
-    net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
+    net_dir, sched_file = local_layout(root, cfg["family"], cfg.get("subfolder"))
     _check_class_name(net_dir / "config.json", (cls.__name__, *LEGACY_CLASS_NAMES.get(cfg["family"], ())),
                       f"model.family={cfg['family']}")
     # low_cpu_mem_usage=False: what diffusers falls back to without accelerate anyway, minus its warning.
@@ -329,27 +301,6 @@ def _from_hub(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | N
     return net, None, ""
 
 
-def _weights_root(cfg: Mapping) -> Path | None:
-    """The local folder a pretrained config loads (model.path, else the shipped model.weights), or None."""
-    if cfg.get("path"):
-        return Path(cfg["path"]).expanduser()
-    return WEIGHTS_DIR / cfg["weights"] if cfg.get("weights") else None
-
-
-def _part_subfolders(cfg: Mapping) -> dict[str, str]:
-    """{subfolder: the config key that needs it} of the parts besides the denoiser and scheduler."""
-    if cfg.get("init", "pretrained") == "random":
-        return {}  # a random denoiser alone: its parts are not loaded (architecture benchmarks)
-    parts = {}
-    if cfg.get("decoder"):
-        parts[cfg["decoder"]] = f"model.decoder={cfg['decoder']}"
-    if cfg.get("text_encoder"):
-        parts["text_encoder"] = parts["tokenizer"] = f"model.text_encoder={cfg['text_encoder']}"
-    if cfg.get("class_embedder"):
-        parts["class_embedder"] = f"model.class_embedder={cfg['class_embedder']}"
-    return parts
-
-
 def _part_dir(root: Path, sub: str, why: str) -> Path:
     """root/sub, or FileNotFoundError naming the missing subfolder, before anything is sampled."""
     marker = "tokenizer_config.json" if sub == "tokenizer" else "config.json"
@@ -359,56 +310,11 @@ def _part_dir(root: Path, sub: str, why: str) -> Path:
     return root / sub
 
 
-@functools.lru_cache(maxsize=64)
-def _files_sha256(files: tuple[tuple[str, int, int], ...], names: str = "basename") -> str:
-    """sha256 over (name, bytes) of files; keyed on (path, size, mtime) so a process hashes once.
-    `names`: "basename" (the denoiser's files, as run ids always hashed them) or "parent/basename"."""
-    h = hashlib.sha256()
-    for name, _, _ in files:
-        p = Path(name)
-        h.update((p.name if names == "basename" else f"{p.parent.name}/{p.name}").encode())
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _stat(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
-    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-
-
-def weights_fingerprint(cfg: Mapping) -> str:
-    """What identifies the weights a config loads, without loading them (run ids need it cheaply).
-
-    A local folder (model.path or a shipped one): a content hash of the denoiser's config and weight
-    files and the scheduler config, plus every other part the config loads (decoder, text encoder,
-    tokenizer), so retraining or replacing any of them gives new run ids instead of resuming stale
-    records. Random init: its seed. A hub id: the id (the files are not local).
-    """
-    cfg = _plain(cfg)
-    if cfg.get("init", "pretrained") == "random":
-        return f"random:{cfg.get('seed', 0)}"
-    root = _weights_root(cfg)
-    if root is not None:
-        if not root.is_dir():
-            return f"missing:{root}"  # loading fails later with the full explanation
-        net_dir, sched_file = _local_layout(root, cfg["family"], cfg.get("subfolder"))
-        files = sorted(f for f in net_dir.iterdir()
-                       if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin")))
-        files += [sched_file] if sched_file else []
-        denoiser = _files_sha256(_stat(files))
-        parts = [f for sub in sorted(_part_subfolders(cfg)) if (root / sub).is_dir()
-                 for f in sorted((root / sub).iterdir())
-                 if f.is_file() and f.suffix in (".json", ".txt", ".safetensors", ".bin", ".model")]
-        return denoiser if not parts else f"{denoiser}+{_files_sha256(_stat(parts), 'parent/basename')}"
-    return f"hub:{cfg.get('hub_id')}/{cfg.get('subfolder') or ''}"
-
-
 def _load_net(cfg: Mapping, cls: type[ModelMixin]) -> tuple[ModelMixin, dict | None, str, str]:
     """(net, scheduler config stored with the weights or None, where that came from, source label)."""
     if cfg.get("init", "pretrained") == "random":
         return _random_net(cfg, cls), None, "", f"random(seed={cfg.get('seed', 0)})"
-    root = _weights_root(cfg)
+    root = weights_root(cfg)
     if cfg.get("path"):
         return *_from_folder(root, cfg, cls), f"path:{root}"
     if root is not None:
@@ -424,7 +330,7 @@ def _load_part(cls: Any, cfg: Mapping, sub: str, why: str) -> Any:
     """A pipeline part from the local folder (strict) or the hub id's subfolder."""
     from transformers import CLIPTextModel, CLIPTokenizer  # here: only text pipelines load transformers' CLIP
 
-    root = _weights_root(cfg)
+    root = weights_root(cfg)
     if root is not None:
         folder = _part_dir(root, sub, why)
         if issubclass(cls, ModelMixin):
@@ -498,9 +404,9 @@ def _load_class_context(cfg: Mapping, source: str) -> ClassContext | None:
 def _arch_differences(net: ModelMixin, cfg: Mapping) -> dict[str, dict[str, Any]]:
     """model.arch keys whose value differs from the loaded checkpoint's config (which is what runs)."""
     arch = cfg.get("arch") or {}
-    loaded = {k: _plain(v) for k, v in net.config.items()}
+    loaded = {k: plain(v) for k, v in net.config.items()}
     return {k: {"yaml": v, "loaded": loaded.get(k)} for k, v in arch.items()
-            if k in loaded and _plain(v) != loaded[k]}
+            if k in loaded and plain(v) != loaded[k]}
 
 
 def _load_prompt_encoder(cfg: Mapping, source: str) -> PromptEmbeddings | None:
@@ -537,7 +443,7 @@ def load_model(cfg: Mapping) -> DiffusionModel:
     Every part the config needs is loaded (and checked against the others) here, so a missing or
     broken part fails the run before any calibration or sampling. A prompt-conditioned pipeline still
     needs its prompt file: harness.models.conditions.bind_prompts."""
-    cfg = _plain(cfg)
+    cfg = plain(cfg)
     check_model_config(cfg)
     cls = MODELS.get(cfg["family"])
     net, sched, sched_where, source = _load_net(cfg, cls)
