@@ -414,7 +414,9 @@ def test_two_concurrent_sweeps_on_one_store(background) -> None:
     for (out, err), p in zip(results, background.sweeps, strict=True):
         assert p.returncode == 1, f"a sweep with a failed run exits non-zero\n{out[-2000:]}\n{err[-2000:]}"
         assert "summary: 2 runs:" in out and "1 failed" in out and "<method.weight_init=bogus> must be one of" in out
-        assert f"table: {shared / 'tables' / 'quality.md'}" in out, "tables are regenerated despite the failure"
+        # tables regenerated despite the failure (or, by the sweep that ended last, found current)
+        assert f"table: {shared / 'tables' / 'quality.md'}" in out or f"tables: {shared / 'tables'} (up to date" in out
+    assert any(f"table: {shared / 'tables' / 'quality.md'}" in out for out, _ in results)
     records = ResultsStore(shared / "store").records()
     assert sorted(r.status for r in records) == ["failed", "finished"]
     finished = next(r for r in records if r.finished)
