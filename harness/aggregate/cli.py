@@ -85,7 +85,8 @@ def aggregate(store: Path, out: Path, formats: Sequence[str] = FORMATS, metrics:
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"<--format={fmt}> is not a table format; accepted: {', '.join(FORMATS)}, all")
-    stamp = inputs_fingerprint(store, [formats, metrics, kinds, model, bits, method, paper, alpha])
+    settings = [*(list(v) for v in (formats, metrics, kinds, model, bits, method)), str(paper), float(alpha)]
+    stamp = inputs_fingerprint(store, settings)  # lists: the CLI and a sweep's callback agree
     if skip_unchanged and (out / STAMP_FILE).is_file() and (out / STAMP_FILE).read_text().strip() == stamp:
         return []
     records, frame, evidence = load_frame(store, model, bits, method)
