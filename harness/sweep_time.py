@@ -87,6 +87,22 @@ def artifact_builds(artifacts: Path) -> str:
     return f"{len(builds)} ({per_kind}; {len({b['path'] for b in builds})} distinct files)" if builds else "0"
 
 
+def budget_split(records: list[Any], wall: float, budget: float) -> str:
+    """Where a from-scratch sweep's wall time went: calibration (`quantize`) against everything else
+    (sampling, metrics, FP reference, artifacts, Hydra start-up), and what each calibration could
+    take if the rest stayed as measured and the sweep had to fit `budget` seconds."""
+    calib = [r.report.get("timings", {}).get("quantize", 0.0) for r in records]
+    calibrated = sum(1 for c in calib if c > 0)
+    rest = wall - sum(calib)
+    line = (f"calibration {sum(calib):.1f} s in {calibrated} run(s); everything else {rest:.1f} s "
+            f"({100 * rest / wall:.0f} % of the sweep)")
+    if calibrated:
+        room = (budget - rest) / calibrated
+        line += (f"; to fit {budget:.0f} s with the rest as measured, each calibration would need "
+                 + (f"<= {room:.1f} s" if room > 0 else f"less than 0 s: the rest alone is over {budget:.0f} s"))
+    return line
+
+
 def time_calibration(tree: Path, method: str, overrides: list[str], threads: int) -> dict[str, Any]:
     """One `Method.quantize` of `method` with the code of `tree`, in a fresh process."""
     env = {**os.environ, "SWEEP_TIME_THREADS": str(threads), "TQDM_DISABLE": "1",
@@ -182,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3, help="--calib: interleaved rounds (median reported)")
     p.add_argument("--threads", type=int, default=1, help="--calib / --sampling: torch threads")
     p.add_argument("--sampling", action="store_true", help="FP sampling images/s against the fp32 peak")
+    p.add_argument("--budget", type=float, default=600.0, help="sweep: the wall-time budget (s) to split")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides (after --)")
     a = p.parse_args(argv)
     if a.calib:
@@ -214,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r.method + '/' + r.bits + '/' + r.run_id[:8]:<34}{r.status:>10}"
                   f"{t.get('run_total', float('nan')):>10.1f}  {phases}")
         print(f"\nfrom scratch: {first:.1f} s ({first / 60:.1f} min); rerun, all resumed: {again:.1f} s")
+        print(budget_split(records, first, a.budget))
         print(f"artifact builds: {artifact_builds(artifacts)}")
         print(f"store: {store}")
 

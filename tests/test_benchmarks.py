@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny model (their timings are quoted, never asserted)."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +20,15 @@ def test_sweep_time_runs_the_sweep_then_resumes_it(tmp_path: Path, capsys: pytes
     assert sorted(r.method for r in records) == ["fp", "rtn"] and all(r.finished for r in records)
     assert "from scratch:" in out and "all resumed:" in out
     assert out.count("finished") == 2, "both new runs are listed with their phases"
+
+
+def test_budget_split_says_what_each_calibration_could_take() -> None:
+    runs = [SimpleNamespace(report={"timings": {"quantize": q, "sampling": 50.0}}) for q in (100.0, 200.0, 0.0)]
+    line = sweep_time.budget_split(runs, wall=500.0, budget=400.0)
+    assert "calibration 300.0 s in 2 run(s); everything else 200.0 s (40 % of the sweep)" in line
+    assert "each calibration would need <= 100.0 s" in line  # (400 - 200) / 2
+    over = sweep_time.budget_split(runs, wall=500.0, budget=150.0)
+    assert "the rest alone is over 150 s" in over
 
 
 def test_sweep_time_calibration_compares_trees_side_by_side(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -35,7 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from harness.artifacts import ArtifactCache, tensors_fingerprint
-from harness.atomic import file_sha256
+from harness.identity import prompts_fingerprint
 
 if TYPE_CHECKING:  # transformers (CLIP) loads only with a text pipeline; a resumed run never needs it
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -245,7 +245,7 @@ class PromptEmbeddings(ConditionSource):
         """Read the prompt file and encode it (and "") once, through the artifact cache."""
         path = Path(path).expanduser()
         self.prompts = read_prompts(path, column)
-        self.file_key = {"prompts_sha256": file_sha256(path)[:16], "column": column, "n_prompts": len(self.prompts)}
+        self.file_key = {"prompts_sha256": prompts_fingerprint(path), "column": column, "n_prompts": len(self.prompts)}
         deps = {**self.file_key, "text_encoder": self.encoder_fingerprint(), "max_length": self.max_length}
 
         def build() -> dict[str, torch.Tensor]:
