@@ -118,13 +118,19 @@ def _quality(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[(frame["kind"] == "quality") & (frame["variant"] == "")]
 
 
+def _with_metric(part: pd.DataFrame, metric: str) -> pd.DataFrame | None:
+    """The rows that have `metric`; None when none has it (the plot is then skipped)."""
+    if metric not in part or part[metric].notna().sum() == 0:
+        return None
+    return part[part[metric].notna()]
+
+
 def plot_metric_vs_bits(frame: pd.DataFrame, path: Path, metric: str = "fid") -> Path | None:
     """One panel per model: `metric` per bit-width, a line per method (mean over seeds, bars: min-max over
     seeds, or the run's bootstrap CI with one seed), FP as a dashed reference line."""
-    part = _quality(frame)
-    if metric not in part or part[metric].notna().sum() == 0:
+    part = _with_metric(_quality(frame), metric)
+    if part is None:
         return None
-    part = part[part[metric].notna()]
     models = sorted(set(part["model"]))
     fig, axes = _figure(len(models))
     handles: dict[str, object] = {}
@@ -172,10 +178,10 @@ def plot_bars(frame: pd.DataFrame, path: Path, metric: str, kind: str, group_axi
     """One panel per model: bars of `metric` (mean over seeds, whiskers min-max) for the records of `kind`,
     grouped on x by `group_axis` (bits for calibration time, backend for latency), one colour per method
     and one hatch per bit-width."""
-    part = frame[(frame["kind"] == kind) & (frame["variant"] == "")] if "variant" in frame else frame
-    if metric not in part or part[metric].notna().sum() == 0:
+    part = _with_metric(frame[(frame["kind"] == kind) & (frame["variant"] == "")] if "variant" in frame else frame,
+                        metric)
+    if part is None:
         return None
-    part = part[part[metric].notna()]
     models = sorted(set(part["model"]))
     fig, axes = _figure(len(models))
     handles: dict[str, object] = {}
