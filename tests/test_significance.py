@@ -3,6 +3,8 @@ the runs' saved bootstrap statistics, seeds by Welch, FID / unbiased-metric orde
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +94,11 @@ def test_paired_evidence_resolves_what_unpaired_intervals_cannot(tmp_path: Path)
 
 
 def test_fid_and_unbiased_metric_ordering_flags() -> None:
-    key, flags = ordering_flags({"fid": [19.7, 22.2, 36.0], "kid": [17.9, 9.0, 18.0]})
-    assert key == "kid" and flags == (True, True, False)
-    key, flags = ordering_flags({"fid": [19.7, 22.2], "fid_inf": [15.0, 17.0], "kid": [17.9, 9.0]})
-    assert key == "fid_inf" and flags == (False, False), "FID_inf preferred over KID when recorded"
-    assert ordering_flags({"kid": [1.0, 2.0]}) == (None, ())
+    assert ordering_flags({"fid": [19.7, 22.2, 36.0], "kid": [17.9, 9.0, 18.0]}) == {"kid": (True, True, False)}
+    flags = ordering_flags({"fid": [19.7, 22.2], "fid_inf": [15.0, 17.0], "kid": [17.9, 9.0]})
+    assert flags == {"fid_inf": (False, False), "kid": (True, True)}, "each unbiased metric is checked on its own"
+    assert ordering_flags({"fid": [1.0, 2.0], "kid": [1.0, float("nan")]}) == {}, "one row with KID: no ordering"
+    assert ordering_flags({"kid": [1.0, 2.0]}) == {}
 
 
 def _record(i: int, method: str, fid: float, kid: float) -> RunRecord:
@@ -110,12 +112,31 @@ def test_table_flags_disagreement_and_explains_marks() -> None:
     frame = records_frame([_record(1, "rtn", 19.7, 17.9), _record(2, "tfmq", 22.2, 9.0)])
     table = make_table(frame, "quality", ["fid", "kid"])
     rtn, tfmq = table.rows
-    assert rtn.cells[0].bold and rtn.cells[0].flag and tfmq.cells[0].flag, "FID: RTN better, KID disagrees"
-    assert tfmq.cells[1].bold and not tfmq.cells[1].flag
+    assert rtn.cells[0].bold and rtn.cells[0].flags == tfmq.cells[0].flags == ("kid",), "FID: RTN better, KID disagrees"
+    assert tfmq.cells[1].bold and not tfmq.cells[1].flags
     md = to_markdown(table)
-    assert "**19.70 ± 0.30** ‡" in md and "‡: FID and KID" in md
+    assert "**19.70 ± 0.30** §" in md and "§: FID and KID" in md and "‡" not in md
     tex = to_latex(table)
-    assert r"\textbf{19.70$\pm$0.30}$^\ddagger$" in tex and r"$^\ddagger$: FID and KID" in tex
+    assert r"\textbf{19.70$\pm$0.30}$^\S$" in tex and r"$^\S$: FID and KID" in tex
     assert "ci_level" not in [m.key for m in make_table(frame, "quality").metrics], "settings are no columns"
     with pytest.raises(ValueError, match="alpha"):
         make_table(frame, "quality", alpha=1.5)
+
+
+def test_each_unbiased_metric_flags_with_its_own_mark(tmp_path: Path) -> None:
+    # FID and FID_inf agree (RTN first), KID disagrees (TFMQ-DM first); then FID_inf disagrees too
+    agree = [_record(1, "rtn", 19.5, 18.0), _record(2, "tfmq", 25.8, 11.3)]
+    for rec, fid_inf in zip(agree, (13.2, 21.0), strict=True):
+        rec.metrics["fid_inf"] = fid_inf
+    rtn, tfmq = make_table(records_frame(agree), "quality", ["fid", "fid_inf", "kid"]).rows
+    assert rtn.cells[0].flags == tfmq.cells[0].flags == ("kid",), "FID_inf agreeing does not hide KID's ordering"
+    agree[1].metrics["fid_inf"] = 12.0
+    table = make_table(records_frame(agree), "quality", ["fid", "fid_inf", "kid"])
+    assert [r.cells[0].flags for r in table.rows] == [("fid_inf", "kid")] * 2
+    md = to_markdown(table)
+    assert "‡ §" in md and "‡: FID and FID∞" in md and "§: FID and KID" in md
+    if shutil.which("pdflatex"):
+        (tmp_path / "t.tex").write_text(to_latex(table, standalone=True))
+        out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout[-2000:]

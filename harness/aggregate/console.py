@@ -32,12 +32,12 @@ def print_table(table: Table, file: TextIO | None = None) -> None:
     n_text = len(heads) - len(table.metrics)
     for i, head in enumerate(heads):
         shown.add_column(head, justify="right" if i >= n_text else "left", no_wrap=True)
-    tie, flag = MARKS["md"]
+    tie, flags = MARKS["md"]
     # a log keeps no styles: there, significant bests are written **bold** as in Markdown
     strong = "[bold]{}[/bold]" if console.is_terminal else "**{}**"
     for texts, cells in text_rows(table):
         marked = [(strong.format(escape(t)) if c.bold else escape(t)) + (tie if c.tie else "")
-                  + (flag if c.flag else "") for t, c in zip(texts[n_text:], cells, strict=True)]
+                  + "".join(flags[k] for k in c.flags) for t, c in zip(texts[n_text:], cells, strict=True)]
         shown.add_row(*map(escape, texts[:n_text]), *marked)
     console.print(shown)
     for note in table.notes:

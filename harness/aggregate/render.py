@@ -2,7 +2,7 @@ r"""Table -> Markdown, booktabs LaTeX (compiles with pdflatex, fits the page) an
 
 Markdown and LaTeX follow the papers: a group's model and bit-width are written on its first row
 only, significantly best values bold, ties marked ≈, FID cells whose ordering an unbiased metric
-contradicts marked ‡, arrows in headers, `mean ± std` when several seeds exist (n column) and
+contradicts marked ‡ (FID∞) or § (KID), arrows in headers, `mean ± std` when several seeds exist (n column) and
 `value ± CI half-width` for a single run with a bootstrap CI; the table's title and notes follow it
 (Markdown) or form its caption (LaTeX). Every column shares one number of decimals
 (`MetricInfo.column_decimals`). LaTeX goes into a paper unchanged: `\small`, a caption and
@@ -25,8 +25,8 @@ MISSING_TEX = "--"
 _TEX_SPECIAL = re.compile(r"([&%$#_{}])|(\\)|(~)|(\^)")
 _TEX_ARROW = {"↑": r"$\uparrow$", "↓": r"$\downarrow$", "": ""}
 # Unicode the notes and headers use, as LaTeX (pdflatex's default input has none of it)
-_TEX_UNICODE = {"±": r"$\pm$", "≈": r"$\approx$", "‡": r"$^\ddagger$", "∞": r"$_\infty$", "×": r"$\times$",
-                "²": r"$^2$", "³": r"$^3$", "⁶": r"$^6$", "≥": r"$\geq$", "–": "--"}
+_TEX_UNICODE = {"±": r"$\pm$", "≈": r"$\approx$", "‡": r"$^\ddagger$", "§": r"$^\S$", "∞": r"$_\infty$",
+                "×": r"$\times$", "²": r"$^2$", "³": r"$^3$", "⁶": r"$^6$", "≥": r"$\geq$", "–": "--"}
 TEX_PACKAGES = r"\usepackage{booktabs,graphicx}"
 # \small characters per line of a one-column article page, counting a column's padding as 2.5
 # characters: wider tables are scaled down to \linewidth.
@@ -34,7 +34,9 @@ PAGE_CHARS = 66
 COLUMN_PAD = 2.5
 
 
-MARKS = {"md": (" ≈", " ‡"), "tex": (r"$\approx$", r"$^\ddagger$")}
+# per format: the tie mark, then the mark of each unbiased metric that orders a FID cell differently
+MARKS = {"md": (" ≈", {"fid_inf": " ‡", "kid": " §"}),
+         "tex": (r"$\approx$", {"fid_inf": r"$^\ddagger$", "kid": r"$^\S$"})}
 
 
 def column_decimals(table: Table) -> list[int]:
@@ -53,8 +55,8 @@ def cell_text(cell: Cell, info: MetricInfo, pm: str, decimals: int) -> str:
 
 
 def _marked(text: str, cell: Cell, fmt: str) -> str:
-    tie, flag = MARKS[fmt]
-    return text + (tie if cell.tie else "") + (flag if cell.flag else "")
+    tie, flags = MARKS[fmt]
+    return text + (tie if cell.tie else "") + "".join(flags[k] for k in cell.flags)
 
 
 def shown_groups(table: Table) -> list[tuple[str, ...]]:

@@ -13,8 +13,9 @@ A difference is significant when every available test rejects at `alpha` (inters
 combined p-value is the largest). Rows with no uncertainty at all (old records, one seed, no CI) are
 never declared better; metrics that are exact by construction (byte counts) are compared plainly.
 
-`ordering_flags` marks where FID and an unbiased metric (FID_inf where recorded, else KID) order two
-rows differently: FID at a few thousand samples is biased, and the bias differs between models.
+`ordering_flags` marks, for each unbiased metric recorded (FID_inf, KID), where it and FID order two
+rows differently: FID at a few thousand samples is biased, and the bias differs between models; KID
+also weighs what FID's Gaussian summary leaves out, so it can disagree where FID_inf does not.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from harness.metrics.uncertainty import Paired, paired_from_statistics, read_boo
 
 ALPHA = 0.05
 EXACT_METRICS = frozenset({"weight_bytes", "fp32_weight_bytes", "cache_bytes"})
-UNBIASED = ("fid_inf", "kid")  # preferred order of the unbiased counterpart of FID
+UNBIASED = ("fid_inf", "kid")  # the unbiased counterparts of FID whose orderings are checked against it
 # bootstrap settings that must agree for two runs' statistics to come from the same resamples
 _SAME_RESAMPLES = ("n", "resamples", "bootstrap_seed", "max_rows", "eval_seed", "sampler", "extractor")
 
@@ -150,12 +151,14 @@ def mark_group(parts: Sequence[pd.DataFrame], metric: str, higher_is_better: boo
     return Marks((False,) * n, tuple(i == best or i in tied for i in range(n)), tests)
 
 
-def ordering_flags(means: Mapping[str, Sequence[float]]) -> tuple[str | None, tuple[bool, ...]]:
-    """(the unbiased metric used, per row: whether FID and it order this row differently against some
-    other row). `means` maps metric keys to per-row means (nan where absent); all are lower-better."""
+def ordering_flags(means: Mapping[str, Sequence[float]]) -> dict[str, tuple[bool, ...]]:
+    """Per unbiased metric with at least two rows: per row, whether FID and that metric order this row
+    differently against some other row. `means` maps metric keys to per-row means (nan where absent);
+    all are lower-better."""
     if "fid" not in means:
-        return None, ()
+        return {}
     fid = np.asarray(means["fid"], float)
+    flags: dict[str, tuple[bool, ...]] = {}
     for key in UNBIASED:
         if key not in means:
             continue
@@ -167,5 +170,5 @@ def ordering_flags(means: Mapping[str, Sequence[float]]) -> tuple[str | None, tu
         d_other = np.sign(other[:, None] - other[None, :])
         both = ok[:, None] & ok[None, :]
         discordant = both & (d_fid * d_other < 0)
-        return key, tuple(bool(x) for x in discordant.any(axis=1))
-    return None, (False,) * len(fid)
+        flags[key] = tuple(bool(x) for x in discordant.any(axis=1))
+    return flags

@@ -5,7 +5,7 @@ several seeds) is tested without rendering; render.py turns a `Table` into LaTeX
 A cell carries its uncertainty: the std over seeds (n > 1) or the run's bootstrap CI (n = 1). The best
 value is bold only where significance.py finds it significantly better than every other row of its
 group; rows within noise of the best are ties; FID cells are flagged where FID and an unbiased metric
-disagree on an ordering. `Table.notes` says all of this in words (the caption).
+(FID∞: ‡, KID: §) disagree on an ordering. `Table.notes` says all of this in words (the caption).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from harness.aggregate.metric_info import (
     with_extractor,
 )
 from harness.aggregate.significance import ALPHA, UNBIASED, Evidence, mark_group, ordering_flags
+
+# the mark of a FID cell that an unbiased metric orders differently, and that metric in the caption
+FLAG_NAMES = {"fid_inf": ("‡", "FID∞ (FID extrapolated to infinitely many samples)"), "kid": ("§", "KID")}
 
 AXIS_TITLES = {"model": "Model", "bits": "Bits", "method": "Method", "variant": "Variant",
                "backend": "Backend", "sampler": "Sampler"}
@@ -61,7 +64,7 @@ class Cell:
     bold: bool = False  # significantly better than every other row of the group
     ci: tuple[float, float] | None = None  # bootstrap CI of a single run (n = 1)
     tie: bool = False  # tied for best: the best, or within noise of it
-    flag: bool = False  # FID and the unbiased metric order this row differently against another
+    flags: tuple[str, ...] = ()  # unbiased metrics (UNBIASED keys) that order this row against another unlike FID
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,9 @@ def _cell(part: pd.DataFrame, key: str) -> Cell:
 
 
 def _mark(rows: list[Row], parts: list[pd.DataFrame], metrics: Sequence[MetricInfo], alpha: float,
-          evidence: Evidence | None) -> tuple[list[Row], set[str], str | None]:
+          evidence: Evidence | None) -> tuple[list[Row], set[str], set[str]]:
     """Significance marks and FID ordering flags for the rows of one group; also returns the tests
-    used and the unbiased metric compared with FID (None when no row was flagged)."""
+    used and the unbiased metrics that flagged some row."""
     cells = [list(r.cells) for r in rows]
     tests: set[str] = set()
     for j, info in enumerate(metrics):
@@ -169,20 +172,20 @@ def _mark(rows: list[Row], parts: list[pd.DataFrame], metrics: Sequence[MetricIn
         tests |= marks.tests
         for i in range(len(rows)):
             cells[i][j] = replace(cells[i][j], bold=marks.bold[i], tie=marks.tie[i])
-    flagged_by = None
+    flagged_by: set[str] = set()
     if "fid" in [m.key for m in metrics]:
         means = {k: [float(p[k].mean()) if k in p and p[k].notna().any() else math.nan for p in parts]
                  for k in ("fid", *UNBIASED)}
-        key, flags = ordering_flags(means)
+        flags = ordering_flags(means)
         j = [m.key for m in metrics].index("fid")
-        for i, flag in enumerate(flags):
-            if flag:
-                cells[i][j] = replace(cells[i][j], flag=True)
-                flagged_by = key
+        for i in range(len(rows)):
+            by = tuple(k for k in UNBIASED if k in flags and flags[k][i])
+            cells[i][j] = replace(cells[i][j], flags=by)
+            flagged_by.update(by)
     return [Row(r.group, r.label, r.n, tuple(c)) for r, c in zip(rows, cells, strict=True)], tests, flagged_by
 
 
-def _notes(rows: Sequence[Row], alpha: float, tests: set[str], flagged_by: str | None,
+def _notes(rows: Sequence[Row], alpha: float, tests: set[str], flagged_by: set[str],
            level: float | None, resamples: float | None, samples: int | None = None) -> tuple[str, ...]:
     notes = []
     has_ci = any(c.ci is not None and c.std is None for r in rows for c in r.cells)
@@ -206,9 +209,9 @@ def _notes(rows: Sequence[Row], alpha: float, tests: set[str], flagged_by: str |
                      "measured uncertainty are never bold.")
     else:
         notes.append("No row carries a measured uncertainty (bootstrap CI or several seeds): nothing is bold.")
-    if flagged_by is not None:
-        name = {"fid_inf": "FID∞ (FID extrapolated to infinitely many samples)", "kid": "KID"}[flagged_by]
-        notes.append(f"‡: FID and {name}, which is unbiased at small n, order this row differently against "
+    for key in (k for k in UNBIASED if k in flagged_by):
+        mark, name = FLAG_NAMES[key]
+        notes.append(f"{mark}: FID and {name}, which is unbiased at small n, order this row differently against "
                      "another row of its group.")
     return tuple(notes)
 
@@ -234,13 +237,13 @@ def build_table(frame: pd.DataFrame, name: str, metrics: Sequence[str], group_by
         groups.setdefault(gkey, []).append((rkey, row, part))
     rows: list[Row] = []
     tests: set[str] = set()
-    flagged_by = None
+    flagged_by: set[str] = set()
     for gkey in sorted(groups):
         ordered = sorted(groups[gkey], key=lambda item: item[0])
         marked, used, flag = _mark([row for _, row, _ in ordered], [p for _, _, p in ordered], infos, alpha, evidence)
         rows += marked
         tests |= used
-        flagged_by = flagged_by or flag
+        flagged_by |= flag
     level = _setting(frame, "ci_level")
     samples = _setting(frame, "eval_samples")
     notes = _notes(rows, alpha, tests, flagged_by, level, _setting(frame, "ci_resamples"),
