@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from harness.aggregate.cli import feature_files
 from harness.aggregate.frame import records_frame
 from harness.aggregate.metric_info import metric_info
@@ -29,6 +31,7 @@ METRICS = ("fid", "fid_inf", "kid", "sfid", "is", "psnr_vs_fp", "confident_fract
            "calib_seconds", "adaround_soft_fraction")
 # Not part of what a run computes: where it wrote, how it logged, whether it was forced.
 PRESENTATION = ("paths", "logger", "force", "fp_reference")
+SEED_KEYS = ("seed", "method.seed")  # what a seed sweep changes (calibration rows, minibatches)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -52,6 +55,25 @@ def config_changes(base: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]
     return changed + extra
 
 
+def seed_runs(base: RunRecord, records: Sequence[RunRecord]) -> list[RunRecord]:
+    """The finished runs of the base's config at any seed (the base included): how far the calibration
+    seed alone moves a metric, which the paired test over eval samples does not see."""
+    def key(r: RunRecord) -> dict[str, Any]:
+        return {k: v for k, v in flatten(r.config) if k.split(".")[0] not in PRESENTATION and k not in SEED_KEYS}
+
+    ref = key(base)
+    same = {r.run_id: r for r in records if r.finished and r.kind == base.kind and key(r) == ref}
+    return list(same.values())
+
+
+def seed_std(runs: Sequence[RunRecord], metric: str) -> tuple[float, int] | None:
+    """(sample std over seeds, number of seeds) of `metric`; None with fewer than two seeds."""
+    values = {r.seed: float(r.metrics[metric]) for r in runs if isinstance(r.metrics.get(metric), int | float)}
+    if len(values) < 2:
+        return None
+    return float(np.std(list(values.values()), ddof=1)), len(values)
+
+
 def find(run_id: str, records: Sequence[RunRecord]) -> RunRecord:
     """The record whose id is or starts with `run_id`; a clear error when none or several match."""
     hits = [r for r in records if r.run_id.startswith(run_id)]
@@ -66,9 +88,11 @@ def _fmt(value: float) -> str:
 
 
 def comparison_rows(base: RunRecord, run: RunRecord, evidence: Evidence, metrics: Sequence[str] = METRICS,
-                    alpha: float = ALPHA) -> list[dict[str, str]]:
-    """One row per metric both runs recorded: the two values, run - base with its interval, p and a
-    verdict ('better' / 'worse' only where the test rejects at `alpha`; 'not tested' without one)."""
+                    alpha: float = ALPHA, seeds: Sequence[RunRecord] = ()) -> list[dict[str, str]]:
+    """One row per metric both runs recorded: the two values, run - base with its interval, p, the
+    base config's std over `seeds`, and a verdict ('better' / 'worse' only where the test rejects at
+    `alpha`, qualified 'within 2 seed std' where another seed could move the base as far; 'not tested'
+    without a test)."""
     frame = records_frame([base, run], dedupe=False).set_index("run_id", drop=False)
     a, b = frame.loc[[run.run_id]], frame.loc[[base.run_id]]
     rows = []
@@ -90,9 +114,14 @@ def comparison_rows(base: RunRecord, run: RunRecord, evidence: Evidence, metrics
             verdict = "differs"
         else:
             verdict = "better" if (diff > 0) == info.higher_is_better else "worse"
+        spread = seed_std(seeds, metric)
+        if spread is not None and verdict in ("better", "worse", "differs") and abs(diff) < 2 * spread[0]:
+            verdict += "; within 2 seed std"
         rows.append({"metric": info.display, "base": _fmt(float(b[metric].iloc[0])),
                      "run": _fmt(float(a[metric].iloc[0])), "run - base [95 % CI]": shown,
-                     "p": "" if p is None else f"{p:.3g}", "verdict": verdict})
+                     "p": "" if p is None else f"{p:.3g}",
+                     "base seed std (n)": "–" if spread is None else f"{_fmt(spread[0])} ({spread[1]})",
+                     "verdict": verdict})
     return rows
 
 
@@ -106,14 +135,17 @@ def to_markdown(rows: Sequence[Mapping[str, str]]) -> str:
 
 
 def report(base: RunRecord, runs: Sequence[RunRecord], evidence: Evidence, metrics: Sequence[str] = METRICS,
-           alpha: float = ALPHA) -> str:
+           alpha: float = ALPHA, seeds: Sequence[RunRecord] = ()) -> str:
     """A markdown section per run: what its config changes, then its metrics against the base."""
     parts = [f"Base: {base.run_id} ({base.model}/{base.method}/{base.bits}, seed {base.seed}). Intervals and "
              f"p-values: paired bootstrap over the shared eval samples (else the records' intervals, unpaired);\n"
-             f"verdicts at alpha {alpha} ('not tested': no uncertainty recorded for that metric).\n"]
+             f"verdicts at alpha {alpha} ('not tested': no uncertainty recorded for that metric). The paired test "
+             f"sees the eval noise only: 'base seed std' is the spread of the base's config over the {len(seeds)} "
+             f"seed(s) in the stores\n(calibration rows, minibatches); a difference under 2 of those is "
+             f"marked 'within 2 seed std': one seed does not show it would hold at another.\n"]
     for run in runs:
         changes = "; ".join(config_changes(base.config, run.config)) or "(same config)"
-        table = to_markdown(comparison_rows(base, run, evidence, metrics, alpha))
+        table = to_markdown(comparison_rows(base, run, evidence, metrics, alpha, seeds))
         parts.append(f"### {run.run_id}: {changes}\n\n{table}")
     return "\n".join(parts)
 
@@ -148,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    text = report(base, runs, Evidence(features), metrics, args.alpha)
+    text = report(base, runs, Evidence(features), metrics, args.alpha, seed_runs(base, records))
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,50 @@
+#!/bin/bash
+# Each issue-13 fidelity fix against the run it changes, paired over the shared eval samples
+# (python -m harness.compare). Run from the repository root; writes compare.md next to this script.
+set -euo pipefail
+D=results/diagnosis/issue13_fixes
+S="--store results/store --store $D/store --store $D/reservoir_wt_res0/store --store $D/reservoir_wt_res1/store"
+id() {  # the run id in the fixes store whose config has these dotted settings (key=value ...)
+  python - "$@" <<'PY'
+import json, sys
+from pathlib import Path
+want = dict(a.split("=", 1) for a in sys.argv[1:])
+def get(cfg, key):
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+hits = [r["run_id"] for p in Path("results/diagnosis/issue13_fixes/store").glob("*.json")
+        for r in [json.loads(p.read_text())] if r["status"] == "finished"
+        and all(str(get(r["config"], k)).lower() == v.lower() for k, v in want.items())]
+if len(hits) != 1:
+    sys.exit(f"{want}: {len(hits)} finished runs match")
+print(hits[0][:8])
+PY
+}
+only() { ls "$1"/*.json | head -1 | xargs basename | cut -c1-8; }
+TFMQ=a4487360; QDIFF=80f1629f; PTQ4DM=7134dfbc  # main store, ddpm_mnist W4A8 seed 0
+BRECQ=$(id method.name=tfmq method.variant=brecq)
+{
+  echo "# Issue 13 fixes on ddpm_mnist W4A8, seed 0: each run against the one it changes"
+  echo
+  echo "## TFMQ-DM: also keep the first time-embedding linear FP (the reference code does)"
+  python -m harness.compare $TFMQ "$(id method.name=tfmq method.fp_time_embedding=true)" $S
+  echo "## TFMQ-DM: add Q-Diffusion's activation step-size reconstruction"
+  python -m harness.compare $TFMQ "$(id method.name=tfmq method.act_recon=true)" $S
+  echo "## Q-Diffusion: asymmetric activations (this harness before issue 13)"
+  python -m harness.compare $QDIFF "$(id method.name=qdiff method.act_symmetric=false)" $S
+  echo "## Q-Diffusion: step-size pass as before issue 13 (lr 4e-5, quantized block inputs)"
+  python -m harness.compare $QDIFF "$(id method.name=qdiff method.act_lr=4e-05)" $S
+  echo "## Q-Diffusion: split weight grids for the shortcut concatenation (reference code)"
+  python -m harness.compare $QDIFF "$(id method.name=qdiff method.split_weights=true)" $S
+  echo "## Q-Diffusion: conv_in / conv_out quantized too (reference code: keep_fp=[])"
+  python -m harness.compare $QDIFF "$(id method.name=qdiff method.keep_fp=[])" $S
+  echo "## PTQ4DM: the released script (no reconstruction) against NDTC + QDrop-BRECQ"
+  python -m harness.compare $PTQ4DM "$(id method.name=ptq4dm method.variant=released)" $S
+  echo "## TFMQ ablation: FSC alone (scope tib) and the old row (scope all) against the BRECQ baseline"
+  python -m harness.compare $BRECQ "$(id method.variant=fsc method.fsc_scope=tib)" \
+    "$(id method.variant=fsc method.fsc_scope=all)" $S
+  echo "## Range search: first 16 batches (before 16773eb) against a reservoir over all batches (16773eb)"
+  python -m harness.compare "$(only $D/reservoir_wt_res0/store)" "$(only $D/reservoir_wt_res1/store)" $S
+} > $D/compare.md
+echo "wrote $D/compare.md"
