@@ -25,25 +25,29 @@ PY
 }
 TFMQ=a4487360; QDIFF=80f1629f; PTQ4DM=7134dfbc  # main store, ddpm_mnist W4A8 seed 0
 BRECQ=$(id method.name=tfmq method.variant=brecq)
+section() {  # title, base id, then the settings that pick the run(s) in the fixes store (one run per "...")
+  local title=$1 base=$2; shift 2
+  local runs=(); for want in "$@"; do runs+=("$(id $want)"); done
+  echo "## $title"
+  python -m harness.compare "$base" "${runs[@]}" $S
+}
 {
   echo "# Issue 13 fixes on ddpm_mnist W4A8, seed 0: each run against the one it changes"
   echo
-  echo "## TFMQ-DM: also keep the first time-embedding linear FP (the reference code does)"
-  python -m harness.compare $TFMQ "$(id method.name=tfmq method.fp_time_embedding=true)" $S
-  echo "## TFMQ-DM: add Q-Diffusion's activation step-size reconstruction"
-  python -m harness.compare $TFMQ "$(id method.name=tfmq method.act_recon=true)" $S
-  echo "## Q-Diffusion: asymmetric activations (this harness before issue 13)"
-  python -m harness.compare $QDIFF "$(id method.name=qdiff method.act_symmetric=false)" $S
-  echo "## Q-Diffusion: step-size pass as before issue 13 (lr 4e-5, quantized block inputs)"
-  python -m harness.compare $QDIFF "$(id method.name=qdiff method.act_lr=4e-05)" $S
-  echo "## Q-Diffusion: split weight grids for the shortcut concatenation (reference code)"
-  python -m harness.compare $QDIFF "$(id method.name=qdiff method.split_weights=true)" $S
-  echo "## Q-Diffusion: conv_in / conv_out quantized too (reference code: keep_fp=[])"
-  python -m harness.compare $QDIFF "$(id method.name=qdiff method.keep_fp=[])" $S
-  echo "## PTQ4DM: the released script (no reconstruction) against NDTC + QDrop-BRECQ"
-  python -m harness.compare $PTQ4DM "$(id method.name=ptq4dm method.variant=released)" $S
-  echo "## TFMQ ablation: FSC alone (scope tib) and the old row (scope all) against the BRECQ baseline"
-  python -m harness.compare $BRECQ "$(id method.variant=fsc method.fsc_scope=tib)" \
-    "$(id method.variant=fsc method.fsc_scope=all)" $S
+  section "TFMQ-DM: also keep the first time-embedding linear FP (the reference code does)" \
+    $TFMQ "method.name=tfmq method.fp_time_embedding=true"
+  section "TFMQ-DM: add Q-Diffusion's activation step-size reconstruction" $TFMQ "method.name=tfmq method.act_recon=true"
+  section "Q-Diffusion: asymmetric activations (this harness before issue 13)" \
+    $QDIFF "method.name=qdiff method.act_symmetric=false"
+  section "Q-Diffusion: step-size pass as before issue 13 (lr 4e-5, quantized block inputs)" \
+    $QDIFF "method.name=qdiff method.act_lr=4e-05"
+  section "Q-Diffusion: split weight grids for the shortcut concatenation (reference code)" \
+    $QDIFF "method.name=qdiff method.split_weights=true"
+  section "Q-Diffusion: conv_in / conv_out quantized too (reference code: keep_fp=[])" \
+    $QDIFF "method.name=qdiff method.keep_fp=[]"
+  section "PTQ4DM: the released script (no reconstruction) against NDTC + QDrop-BRECQ" \
+    $PTQ4DM "method.name=ptq4dm method.variant=released"
+  section "TFMQ ablation: FSC alone (scope tib) and the old row (scope all) against the BRECQ baseline" \
+    $BRECQ "method.variant=fsc method.fsc_scope=tib" "method.variant=fsc method.fsc_scope=all"
 } > $D/compare.md
 echo "wrote $D/compare.md"
