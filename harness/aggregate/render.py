@@ -18,7 +18,7 @@ import re
 import pandas as pd
 
 from harness.aggregate.metric_info import MetricInfo
-from harness.aggregate.table import Cell, Table
+from harness.aggregate.table import FLAG_NAMES, Cell, Table
 
 MISSING_MD = "–"
 MISSING_TEX = "--"
@@ -35,8 +35,8 @@ COLUMN_PAD = 2.5
 
 
 # per format: the tie mark, then the mark of each unbiased metric that orders a FID cell differently
-MARKS = {"md": (" ≈", {"fid_inf": " ‡", "kid": " §"}),
-         "tex": (r"$\approx$", {"fid_inf": r"$^\ddagger$", "kid": r"$^\S$"})}
+MARKS = {"md": (" ≈", {k: f" {mark}" for k, (mark, _) in FLAG_NAMES.items()}),
+         "tex": (r"$\approx$", {k: _TEX_UNICODE[mark] for k, (mark, _) in FLAG_NAMES.items()})}
 
 
 def column_decimals(table: Table) -> list[int]:

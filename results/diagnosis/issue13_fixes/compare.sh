@@ -10,14 +10,11 @@ id() {  # the run id in the fixes store whose config has these dotted settings (
   python - "$@" <<'PY'
 import json, sys
 from pathlib import Path
+from harness.compare import flatten
 want = dict(a.split("=", 1) for a in sys.argv[1:])
-def get(cfg, key):
-    for part in key.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg
 hits = [r["run_id"] for p in Path("results/diagnosis/issue13_fixes/store").glob("*.json")
-        for r in [json.loads(p.read_text())] if r["status"] == "finished"
-        and all(str(get(r["config"], k)).lower() == v.lower() for k, v in want.items())]
+        for r in [json.loads(p.read_text())] for cfg in [dict(flatten(r["config"]))] if r["status"] == "finished"
+        and all(str(cfg.get(k)).lower() == v.lower() for k, v in want.items())]
 if len(hits) != 1:
     sys.exit(f"{want}: {len(hits)} finished runs match")
 print(hits[0][:8])
